@@ -1,0 +1,41 @@
+"""Small helpers shared by the Hydra entry points (train.py, evaluate.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class MissingChoiceError(ValueError):
+    """A config group the job needs was not chosen on the command line."""
+
+
+def choices(group: str) -> list[str]:
+    """Config names available in a group (configs/<group>/*.yaml)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def require(cfg: DictConfig, group: str, why: str) -> DictConfig:
+    """cfg[group], or a clear error naming the available choices."""
+    if cfg.get(group) is None:
+        available = ", ".join(choices(group)) or "none yet"
+        raise MissingChoiceError(f"no {group} chosen: {why}. Add {group}=<name> (available: {available})")
+    return cfg[group]
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list:
+    """Each entry of the logger group (e.g. logger.tensorboard) instantiated."""
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def log_config(cfg: DictConfig) -> None:
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))

@@ -1,0 +1,36 @@
+"""Meta-train a knowledge editor on SAKE-format data.
+
+python train.py editor=mend model=qwen trainer=ddp
+python train.py --cfg job editor=mend model=qwen      # print the composed config
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+from lit_modules.hydra_utils import instantiate_loggers, log_config, require  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    editor = require(cfg, "editor", "train.py meta-trains an editor")
+    data = require(cfg, "data", "training needs the SAKE train split")
+    log_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    lalm = instantiate(cfg.model)
+    module = instantiate(editor.module, lalm=lalm)
+    datamodule = instantiate(data.datamodule, lalm=lalm)
+    trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+
+if __name__ == "__main__":
+    main()
