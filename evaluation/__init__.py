@@ -1,0 +1,1 @@
+"""Judges, metrics, single and sequential sweeps, reports and plots."""

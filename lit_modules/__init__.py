@@ -1,0 +1,1 @@
+"""LightningModules: hypernetwork meta-training, tiny-LALM pretraining; entry-point helpers."""

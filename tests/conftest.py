@@ -1,0 +1,35 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lalms import AudioFlamingo3, Qwen2Audio  # noqa: E402
+from lalms.tiny import build_tiny  # noqa: E402
+
+FAMILIES = {"qwen2_audio": Qwen2Audio, "audio_flamingo3": AudioFlamingo3}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A saved tiny model directory per family (random weights, fixed seed)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_tiny(cls, root / name, seed=0) and root / name for name, cls in FAMILIES.items()}
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def lalm(request, tiny_dirs):
+    """A tiny LALM of each family, loaded from disk like any model directory."""
+    return FAMILIES[request.param].load(str(tiny_dirs[request.param]))
+
+
+@pytest.fixture
+def clips():
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    noise = (0.1 * rng.standard_normal(24000)).astype(np.float32)
+    return tone, noise

@@ -1,0 +1,83 @@
+"""Every config composes through Hydra; the entry points fail clearly on missing or unknown choices."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from hydra.utils import get_method
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment"]
+
+
+def entry_groups(entry):
+    """The groups in an entry point's defaults list."""
+    defaults = yaml.safe_load((CONFIGS / f"{entry}.yaml").read_text())["defaults"]
+    return [next(iter(d)) for d in defaults if isinstance(d, dict)]
+
+
+def group_options():
+    return [
+        (entry, g, p.stem)
+        for entry in ("train", "evaluate")
+        for g in entry_groups(entry)
+        for p in sorted((CONFIGS / g).glob("*.yaml"))
+    ]
+
+
+@pytest.mark.parametrize(("entry", "group", "option"), group_options())
+def test_every_config_composes(entry, group, option):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=entry, overrides=[f"{group}={option}"])
+    node = cfg[group]
+    targets = (
+        [node["_target_"]]
+        if "_target_" in node
+        else [v["_target_"] for v in node.values() if "_target_" in v]
+    )
+    for target in targets:
+        assert callable(get_method(target)), target
+
+
+def test_all_groups_exist_and_known_models_are_there():
+    assert set(entry_groups("train")) | set(entry_groups("evaluate")) == set(GROUPS)
+    for group in GROUPS:
+        assert (CONFIGS / group).is_dir(), group
+    assert {"tiny", "qwen", "af3", "desta"} <= {p.stem for p in (CONFIGS / "model").glob("*.yaml")}
+    assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= {p.stem for p in (CONFIGS / "trainer").glob("*.yaml")}
+
+
+def test_unknown_choice_fails_with_hydras_message():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        with pytest.raises(MissingConfigException, match="model/nonexistent"):
+            compose(config_name="train", overrides=["model=nonexistent"])
+
+
+def run(script, *args):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = run("train.py", "--cfg", "job", "model=qwen", "trainer=ddp")
+    assert out.returncode == 0, out.stderr
+    assert "Qwen/Qwen2-Audio-7B-Instruct" in out.stdout and "strategy: ddp" in out.stdout
+
+
+def test_train_without_an_editor_names_the_missing_choice():
+    out = run("train.py", "hydra.run.dir=/tmp/sake-test-run")
+    assert out.returncode != 0
+    assert "no editor chosen" in out.stderr and "editor=<name>" in out.stderr
+
+
+def test_unknown_editor_fails_through_hydra():
+    out = run("train.py", "editor=nonexistent")
+    assert out.returncode != 0 and "Could not find 'editor/nonexistent'" in out.stderr
