@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -44,7 +45,8 @@ def main(cfg: DictConfig) -> None:
         return
     if cfg.ckpt is None:
         require(cfg, "editor", "evaluate.py needs an editor (or ckpt=<exported editor>)")
-    require(cfg, "data", "evaluation needs SAKE-format test data")
+    data = instantiate(require(cfg, "data", "evaluation needs SAKE-format test data"))
+    data.prepare_data()  # builds SAKE-mini on first use
     raise MissingChoiceError("the evaluation sweeps are not part of this build yet; use dry_run=true")
 
 

@@ -2,6 +2,7 @@
 
     python -m datamodules.sake check DATA_DIR [--audio-root DIR]
     python -m datamodules.sake build-mini --out DIR [--seed N] [--train-per-attribute N ...]
+    python -m datamodules.sake build --manifest pool.jsonl --out DIR [--world world.yaml] [--seed N]
 
 Layout (DATA_DIR or DATA_DIR/data):
     train/{Animal,Emotion,Gender,Language}.json      edit instances per attribute
@@ -13,96 +14,17 @@ Layout (DATA_DIR or DATA_DIR/data):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.audio_io import AudioError, AudioResolver, load_audio
-from datamodules.schema import ATTRIBUTES, EditInstance, SchemaError, attribute_of, norm_label, parse_instance
+from datamodules.loader import SakeData
+from datamodules.schema import ATTRIBUTES, EditInstance, SchemaError, norm_label
 
 log = logging.getLogger(__name__)
-
-TRAIN_DIR, VAL_FILE = "train", "train/ALL_val.json"
-TEST_DIR, SEQ_FILE = "test/single_editing", "test/sequential_editing/all_sequences.json"
-
-
-def data_root(path: str | Path) -> Path:
-    """DATA_DIR itself or its data/ subfolder, whichever holds train/ or test/."""
-    path = Path(path)
-    for cand in (path, path / "data"):
-        if (cand / "train").is_dir() or (cand / "test").is_dir():
-            return cand
-    raise FileNotFoundError(f"{path}: no SAKE layout here (expected train/ or test/, or data/train/ ...)")
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SchemaError(str(path), None, "<file>", f"not valid JSON ({err})") from err
-
-
-def load_file(path: str | Path, with_portability: bool = False) -> list[EditInstance]:
-    """All instances of one SAKE JSON file (a list of records, or a list of lists for sequences)."""
-    path = Path(path)
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise SchemaError(
-            str(path), None, "<file>", f"expected a list of records, got {type(records).__name__}"
-        )
-    attribute = attribute_of(path.stem)
-    return [parse_instance(r, str(path), i, attribute, with_portability) for i, r in enumerate(records)]
-
-
-def load_sequences(path: str | Path) -> list[list[EditInstance]]:
-    path = Path(path)
-    seqs = read_json(path)
-    if not isinstance(seqs, list) or not all(isinstance(s, list) for s in seqs):
-        raise SchemaError(str(path), None, "<file>", "expected a list of sequences (lists of records)")
-    out, index = [], 0
-    for seq in seqs:
-        out.append([parse_instance(r, str(path), index + i, None, True) for i, r in enumerate(seq)])
-        index += len(seq)
-    return out
-
-
-@dataclass
-class SakeData:
-    """The splits of one SAKE-format dataset; absent files give empty splits."""
-
-    root: Path
-    train: list[EditInstance] = field(default_factory=list)
-    val: list[EditInstance] = field(default_factory=list)
-    test: list[EditInstance] = field(default_factory=list)
-    sequences: list[list[EditInstance]] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SakeData:
-        root = data_root(path)
-        data = cls(root)
-        for name in ATTRIBUTES:
-            stem = name.capitalize()
-            if (f := root / TRAIN_DIR / f"{stem}.json").is_file():
-                data.train += load_file(f)
-            if (f := root / TEST_DIR / f"{stem}.json").is_file():
-                data.test += load_file(f, with_portability=True)
-        if (root / VAL_FILE).is_file():
-            data.val = load_file(root / VAL_FILE)
-        if (root / SEQ_FILE).is_file():
-            data.sequences = load_sequences(root / SEQ_FILE)
-        return data
-
-    def splits(self) -> dict[str, list[EditInstance]]:
-        return {
-            "train": self.train,
-            "val": self.val,
-            "test": self.test,
-            "sequential": [i for s in self.sequences for i in s],
-        }
 
 
 # ---------------------------------------------------------------------------------- check
@@ -192,6 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="validate a SAKE-format dataset")
     c.add_argument("data_dir", type=Path)
     c.add_argument("--audio-root", type=Path, default=None)
+    u = sub.add_parser(
+        "build", help="build SAKE splits from your own labelled clips (see datamodules/builder.py)"
+    )
+    u.add_argument(
+        "--manifest", type=Path, required=True, help="JSONL: file, track, label, split[, question]"
+    )
+    u.add_argument("--out", type=Path, required=True)
+    u.add_argument("--world", type=Path, default=None, help="question wordings, knowledge base, text QA")
+    u.add_argument("--seed", type=int, default=0)
+    for flag in (
+        "train-per-attribute",
+        "val-per-attribute",
+        "test-per-attribute",
+        "sequences",
+        "sequence-length",
+    ):
+        u.add_argument(f"--{flag}", type=int, default=None)
     b = sub.add_parser("build-mini", help="build the offline SAKE-mini world")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
@@ -203,6 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "check":
         return check(args.data_dir, args.audio_root)
+    if args.command == "build":
+        from datamodules.builder import (
+            WORLD_FILE,
+            Builder,
+            SplitSizes,
+            load_world,
+            read_manifest,
+            write_splits,
+        )
+
+        fields = (
+            "train_per_attribute",
+            "val_per_attribute",
+            "test_per_attribute",
+            "sequences",
+            "sequence_length",
+        )
+        sizes = SplitSizes(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+        world = load_world(args.world or WORLD_FILE)
+        root = write_splits(Builder(read_manifest(args.manifest), world, args.seed).build(sizes), args.out)
+        print(f"wrote SAKE splits to {root}; check them with: python -m datamodules.sake check {args.out}")
+        return 0
     from datamodules.mini.build import MiniSizes, build_mini
 
     overrides = {

@@ -1,0 +1,161 @@
+"""A Lightning DataModule streaming SAKE-format JSON through HF `datasets`.
+
+Records stream from the JSON files (round-robin over the attribute files, each record exactly
+once), are shuffled through a buffer, split across DDP ranks without overlap or loss, and are
+parsed and their audio decoded lazily in the DataLoader workers. Batches are lists of
+`EditExample`s; the LightningModule hands their prompts to the LALM adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader
+
+from datamodules.audio_io import AudioResolver
+from datamodules.examples import EditExample, to_example
+from datamodules.loader import TRAIN_DIR, VAL_FILE, data_root
+from datamodules.mini.build import ensure_mini
+from datamodules.schema import ATTRIBUTES, parse_instance
+
+log = logging.getLogger(__name__)
+TAGS = ("_source", "_index", "_attribute")
+
+
+def _tag(record: dict, index: int, source: str, attribute: str | None) -> dict:
+    return {"_source": source, "_index": index, "_attribute": attribute}
+
+
+def record_stream(files: list[tuple[Path, str | None]]) -> datasets.IterableDataset:
+    """Records of several SAKE JSON files, interleaved, each tagged with its file and index."""
+    parts = [
+        datasets.load_dataset("json", data_files=str(path), split="train", streaming=True).map(
+            partial(_tag, source=str(path), attribute=attr), with_indices=True
+        )
+        for path, attr in files
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
+
+
+def shard(stream: datasets.IterableDataset, rank: int, world_size: int) -> datasets.IterableDataset:
+    """This rank's part: every record lands on exactly one rank."""
+    return stream if world_size == 1 else split_dataset_by_node(stream, rank=rank, world_size=world_size)
+
+
+class DecodedStream(torch.utils.data.IterableDataset):
+    """Parses and decodes the records of a (sharded) stream; pads to `length` if given.
+
+    Padding repeats this rank's first records so every DDP rank runs the same number of
+    steps (as torch's DistributedSampler does); at most world_size - 1 records repeat.
+    """
+
+    def __init__(
+        self, stream: datasets.IterableDataset, resolver: AudioResolver, rate: int, length: int | None
+    ):
+        self.stream, self.resolver, self.rate, self.length = stream, resolver, rate, length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def decode(self, raw: dict[str, Any]) -> EditExample:
+        record = {k: v for k, v in raw.items() if k not in TAGS}
+        inst = parse_instance(record, raw["_source"], raw["_index"], raw["_attribute"])
+        return to_example(inst, self.resolver, self.rate)
+
+    def __iter__(self) -> Iterator[EditExample]:
+        first: list[dict[str, Any]] = []
+        n = 0
+        for raw in self.stream:
+            if len(first) < 8:
+                first.append(raw)
+            n += 1
+            yield self.decode(raw)
+        if self.length is not None:
+            for i in range(self.length - n):
+                yield self.decode(first[i % len(first)])
+
+
+class SakeDataModule(L.LightningDataModule):
+    """Train and validation batches of `EditExample`s from a SAKE-format dataset.
+
+    `root` holds the SAKE layout (root/train/... or root/data/train/...); `audio_root` the audio
+    (default: root/audio). With `build_mini=True` a missing root is built as SAKE-mini first.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        audio_root: str | None = None,
+        name: str = "sake",
+        build_mini: bool = False,
+        mini_seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 1,
+        sampling_rate: int = 16000,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_workers not in (0, 1):
+            # The interleaved stream is one shard per rank, which one worker reads (decoding
+            # ahead of the model); more workers would sit idle and break the per-rank padding.
+            raise ValueError(f"data.num_workers must be 0 or 1, got {num_workers}")
+        self.root = Path(root)
+        self.audio_root = Path(audio_root) if audio_root else self.root / "audio"
+        self.name, self.build_mini, self.mini_seed = name, build_mini, mini_seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.rate, self.shuffle_buffer, self.seed = sampling_rate, shuffle_buffer, seed
+
+    def prepare_data(self) -> None:
+        if self.build_mini:
+            ensure_mini(self.root, self.mini_seed)
+
+    def files(self, split: str) -> list[tuple[Path, str | None]]:
+        root = data_root(self.root)
+        if split == "train":
+            found = [(root / TRAIN_DIR / f"{a.capitalize()}.json", a) for a in ATTRIBUTES]
+            found = [(p, a) for p, a in found if p.is_file()]
+        elif split == "val":
+            found = [(root / VAL_FILE, None)] if (root / VAL_FILE).is_file() else []
+        else:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if split == "train" and not found:
+            raise FileNotFoundError(f"{root}/{TRAIN_DIR}: no attribute files ({', '.join(ATTRIBUTES)})")
+        return found
+
+    def dataset(self, split: str, rank: int = 0, world_size: int = 1, even: bool = True) -> DecodedStream:
+        files = self.files(split)
+        stream = record_stream(files)
+        if split == "train":
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        total = sum(len(json.loads(p.read_text(encoding="utf-8"))) for p, _ in files)
+        length = -(-total // world_size) if even and world_size > 1 else None
+        return DecodedStream(
+            shard(stream, rank, world_size), AudioResolver(self.audio_root), self.rate, length
+        )
+
+    def _loader(self, split: str) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return DataLoader(
+            self.dataset(split, rank, world),
+            batch_size=self.batch_size,
+            collate_fn=list,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if self.files("val") else []
