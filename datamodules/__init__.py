@@ -1,24 +1,31 @@
-"""SAKE data: schema, loader and checker, the SAKE-mini offline world, builder, DataModule."""
+"""SAKE data: schema, loader and checker, the SAKE-mini offline world, builder, DataModule.
 
-from datamodules.audio_io import AudioError, AudioResolver, load_audio
-from datamodules.datamodule import SakeDataModule
-from datamodules.examples import EditExample, LabelledPrompt, to_example
-from datamodules.loader import SakeData, load_file, load_sequences
-from datamodules.schema import EditInstance, Query, SchemaError, parse_options
+Names are imported on first use (PEP 562), so that light users such as the SAKE-mini synthesis
+workers do not import torch and Lightning.
+"""
 
-__all__ = [
-    "AudioError",
-    "AudioResolver",
-    "EditExample",
-    "EditInstance",
-    "LabelledPrompt",
-    "Query",
-    "SakeData",
-    "SakeDataModule",
-    "SchemaError",
-    "load_audio",
-    "load_file",
-    "load_sequences",
-    "parse_options",
-    "to_example",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "AudioError": "datamodules.audio_io",
+    "AudioResolver": "datamodules.audio_io",
+    "load_audio": "datamodules.audio_io",
+    "SakeDataModule": "datamodules.datamodule",
+    "EditExample": "datamodules.examples",
+    "LabelledPrompt": "datamodules.examples",
+    "to_example": "datamodules.examples",
+    "SakeData": "datamodules.loader",
+    "load_file": "datamodules.loader",
+    "load_sequences": "datamodules.loader",
+    "EditInstance": "datamodules.schema",
+    "Query": "datamodules.schema",
+    "SchemaError": "datamodules.schema",
+    "parse_options": "datamodules.schema",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

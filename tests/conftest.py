@@ -33,3 +33,24 @@ def clips():
     tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     noise = (0.1 * rng.standard_normal(24000)).astype(np.float32)
     return tone, noise
+
+
+SMALL_MINI = dict(
+    clips_per_label=10,
+    general_per_label=6,
+    train_per_attribute=24,
+    val_per_attribute=4,
+    test_per_attribute=12,
+    sequences=3,
+    sequence_length=10,
+)
+
+
+@pytest.fixture(scope="session")
+def mini_dir(tmp_path_factory):
+    """A small SAKE-mini build (same code as the default, smaller pools and splits)."""
+    from datamodules.mini.build import MiniSizes, build_mini
+
+    return build_mini(
+        tmp_path_factory.mktemp("mini") / "sake_mini", seed=0, sizes=MiniSizes(**SMALL_MINI), workers=2
+    )

@@ -13,6 +13,12 @@ Output (deterministic for a seed):
 
 The folder is built under a temporary name and renamed when complete, so an interrupted build
 never leaves a folder that looks finished.
+
+Determinism: the splits, the pool and the procedural audio are bit-identical for a seed. Speech
+has the same text, voice and prosody for a seed, and each utterance is synthesised from a fresh
+espeak-ng state (see Espeak.isolated), but espeak-ng's samples still vary slightly between runs
+for some voices (observed: the Mandarin voice and some emotion clips), from state inside the
+library that its API does not reset.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import functools
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -83,15 +90,18 @@ def _engine() -> Espeak:
     return Espeak()  # one per worker process
 
 
+def _write(path: Path, wave: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.clip(wave, -1, 1), SR, format="OGG", subtype="VORBIS")
+
+
 def synthesise(spec: ClipSpec, audio_root: str) -> None:
-    if spec.kind == "speech":
-        wave = _engine().say(spec.text, spec.voice, SR)
-    else:
-        rng = np.random.default_rng(spec.seed)
-        wave = animal(spec.label, rng) if spec.kind == "animal" else general(spec.task, spec.label, rng)
     out = Path(audio_root) / spec.path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(out, np.clip(wave, -1, 1), SR, format="OGG", subtype="VORBIS")
+    if spec.kind == "speech":
+        _engine().isolated(spec.seed, lambda e: _write(out, e.say(spec.text, spec.voice, SR)), spec.path)
+        return
+    rng = np.random.default_rng(spec.seed)
+    _write(out, animal(spec.label, rng) if spec.kind == "animal" else general(spec.task, spec.label, rng))
 
 
 def _sentences(parts: dict[str, list[str]], rng: np.random.Generator) -> list[str]:
@@ -189,7 +199,9 @@ def build_mini(
     specs, pool = plan(world, sizes, seed)
     audio_root = tmp / "audio"
     workers = workers or min(4, os.cpu_count() or 1)
-    with Progress() as progress, ProcessPoolExecutor(workers) as ex:
+    # Spawned workers import only what synthesis needs, so forking one per utterance is cheap.
+    spawn = multiprocessing.get_context("spawn")
+    with Progress() as progress, ProcessPoolExecutor(workers, mp_context=spawn) as ex:
         task = progress.add_task("synthesising SAKE-mini audio", total=len(specs))
         for _ in ex.map(synthesise, specs, itertools.repeat(str(audio_root)), chunksize=64):
             progress.advance(task)

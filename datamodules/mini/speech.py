@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import espeakng_loader
@@ -36,7 +39,13 @@ class Voice:
 
 
 class Espeak:
-    """One espeak-ng engine. The C library keeps global state, so create one per process."""
+    """One espeak-ng engine. The C library keeps global state, so create one per process.
+
+    espeak-ng draws from libc's rand() and keeps static synthesis state (e.g. its flutter phase)
+    that re-initialising does not reset, so consecutive utterances are not reproducible. For
+    deterministic output use `isolated`: it forks a child from this freshly initialised engine
+    for each utterance, seeds rand() there, and never synthesises in the parent.
+    """
 
     def __init__(self) -> None:
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
@@ -78,3 +87,20 @@ class Espeak:
             raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {voice.name}")
         wave = np.concatenate(self._chunks).astype(np.float32) / 32768.0
         return soxr.resample(wave, self.rate, rate).astype(np.float32)
+
+    def isolated(self, seed: int, work: Callable[[Espeak], None], what: str) -> None:
+        """Run `work(self)` in a forked child with rand() seeded; raise if the child fails."""
+        libc = ctypes.CDLL(None)
+        pid = os.fork()
+        if pid == 0:  # child: same engine state as after initialisation, every time
+            code = 0
+            try:
+                libc.srand(seed % 2**31)
+                work(self)
+            except BaseException:  # noqa: BLE001 - reported through the exit code
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"espeak-ng synthesis failed for {what} (see the traceback above)")
