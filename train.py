@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
     lalm = instantiate(cfg.model)
     module = instantiate(editor.module, lalm=lalm)
-    datamodule = instantiate(data.datamodule, lalm=lalm)
+    datamodule = instantiate(data)
     trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
