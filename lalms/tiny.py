@@ -90,6 +90,48 @@ def build_tiny(
     return lalm
 
 
+def text_of(path: str | Path) -> list[str]:
+    """Lines of a text file, or every string in a YAML/JSON file (e.g. a SAKE-mini world)."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    import yaml
+
+    out: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            out.extend(line for line in node.splitlines() if line.strip())
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(k)
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return out
+
+
+def new_tiny(
+    family: str = "qwen2_audio",
+    corpus_files: list[str] | tuple[str, ...] = (),
+    vocab_size: int = 1024,
+    seed: int = 0,
+    **sizes: int,
+) -> LALM:
+    """A fresh tiny model for pretraining; its tokenizer also learns the text of `corpus_files`."""
+    from lalms import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    corpus = default_corpus() + [line for f in corpus_files for line in text_of(f)]
+    return build_tiny(
+        FAMILIES[family], sizes=TinySizes(**sizes), corpus=corpus, vocab_size=vocab_size, seed=seed
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from lalms import FAMILIES
 

@@ -1,0 +1,187 @@
+"""Pretraining data for the tiny LALM: what a model must know for SAKE's metrics to mean something.
+
+From SAKE-mini's *training* clips only (pool.jsonl, split == "train") and its world.yaml:
+- attribute recognition: a clip and a reliability or paraphrase wording, options shuffled;
+- portability-style multi-hop: a clip and a knowledge question (audio -> label -> fact);
+- the general-audio tasks (locality type 4);
+- the text QA (text locality).
+Answers are the option text, as in SAKE. Example i is a pure function of (seed, i), so any
+index can be drawn in any order and runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.audio_io import AudioResolver
+from datamodules.builder import PoolClip, load_world, read_manifest
+from datamodules.mini.build import ensure_mini
+from datamodules.schema import norm_label, with_options
+from lalms.prompt import Prompt
+
+log = logging.getLogger(__name__)
+
+TASKS = ("attribute", "portability", "general", "text")
+
+
+@dataclass(frozen=True)
+class PretrainExample:
+    prompt: Prompt
+    answer: str
+    task: str  # one of TASKS
+    attribute: str | None  # for attribute and portability tasks
+
+
+class PretrainTasks(Dataset):
+    """A reproducible stream of pretraining examples over a pool of decoded clips."""
+
+    def __init__(
+        self,
+        clips: list[PoolClip],
+        waves: dict[tuple[str, str], np.ndarray],
+        world: dict[str, Any],
+        length: int,
+        seed: int = 0,
+        mix: dict[str, float] | None = None,
+        augment: bool = True,
+    ) -> None:
+        self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
+        mix = mix or {"attribute": 0.55, "portability": 0.2, "general": 0.15, "text": 0.1}
+        self.tasks, self.weights = list(mix), list(mix.values())
+        self.attrs = world["attributes"]
+        track_attr = {spec["track"]: a for a, spec in self.attrs.items()}
+        self.by_label: dict[tuple[str, str], list[PoolClip]] = defaultdict(list)
+        self.general: list[PoolClip] = []
+        for c in clips:
+            if c.track in track_attr:
+                self.by_label[(track_attr[c.track], norm_label(c.label))].append(c)
+            elif c.question:
+                self.general.append(c)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def audio(self, clip: PoolClip, rng: random.Random) -> np.ndarray:
+        wave = self.waves[(clip.track, clip.file)]
+        if self.augment:  # small gain and noise changes: more distinct inputs from the same clips
+            wave = wave * rng.uniform(0.8, 1.2)
+            noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(len(wave)).astype(np.float32)
+            wave = (wave + rng.uniform(0.0, 0.004) * noise).astype(np.float32)
+        return wave
+
+    def labelled_clip(self, rng: random.Random) -> tuple[str, str, PoolClip]:
+        attr = rng.choice(list(self.attrs))
+        label = rng.choice(self.attrs[attr]["labels"])
+        return attr, label, rng.choice(self.by_label[(attr, norm_label(label))])
+
+    def __getitem__(self, i: int) -> PretrainExample:
+        rng = random.Random(self.seed * 1_000_003 + i)
+        task = rng.choices(self.tasks, self.weights)[0]
+        if task == "attribute":
+            attr, label, clip = self.labelled_clip(rng)
+            spec = self.attrs[attr]
+            options = rng.sample(spec["labels"], len(spec["labels"]))
+            stem = rng.choice(spec["reliability"] + spec["paraphrase"])
+            return PretrainExample(
+                Prompt(with_options(stem, options), self.audio(clip, rng)), label, task, attr
+            )
+        if task == "portability":
+            attr, label, clip = self.labelled_clip(rng)
+            cat = rng.choice(list(self.world["knowledge"][attr].values()))
+            facts = cat["facts"]
+            answer = facts[label]
+            others = sorted({f for f in facts.values() if norm_label(f) != norm_label(answer)})
+            options = [answer, *rng.sample(others, min(3, len(others)))]
+            rng.shuffle(options)
+            prompt = Prompt(with_options(cat["question"], options), self.audio(clip, rng))
+            return PretrainExample(prompt, answer, task, attr)
+        if task == "general":
+            clip = rng.choice(self.general)
+            return PretrainExample(Prompt(clip.question, self.audio(clip, rng)), clip.label, task, None)
+        qa = rng.choice(self.world["text_qa"])
+        options = rng.sample(qa["options"], len(qa["options"]))
+        return PretrainExample(Prompt(with_options(qa["question"], options)), qa["answer"], task, None)
+
+
+def collate(batch: list[PretrainExample]) -> dict[str, Any]:
+    return {
+        "prompts": [b.prompt for b in batch],
+        "answers": [b.answer for b in batch],
+        "tasks": [b.task for b in batch],
+        "attributes": [b.attribute for b in batch],
+    }
+
+
+def stratified_holdout(
+    clips: list[PoolClip], fraction: float, seed: int
+) -> tuple[list[PoolClip], list[PoolClip]]:
+    """(train, held-out) with at least one held-out clip of every (track, label)."""
+    groups: dict[tuple[str, str], list[PoolClip]] = defaultdict(list)
+    for c in clips:
+        groups[(c.track, norm_label(c.label))].append(c)
+    rng = random.Random(seed)
+    train, held = [], []
+    for key in sorted(groups):
+        group = groups[key][:]
+        rng.shuffle(group)
+        k = max(1, round(fraction * len(group)))
+        held += group[:k]
+        train += group[k:]
+    return train, held
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Pretraining batches from SAKE-mini's training clips (built on first use).
+
+    A small share of the training clips (`holdout`) is kept out of training and used for the
+    validation accuracies logged to TensorBoard.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        mini_seed: int = 0,
+        batch_size: int = 32,
+        steps: int = 2500,
+        val_examples: int = 256,
+        holdout: float = 0.05,
+        sampling_rate: int = 16000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root, self.mini_seed = Path(root), mini_seed
+        self.batch_size, self.steps, self.val_examples = batch_size, steps, val_examples
+        self.holdout, self.rate, self.seed = holdout, sampling_rate, seed
+        self.train_set: PretrainTasks | None = None
+        self.val_set: PretrainTasks | None = None
+
+    def prepare_data(self) -> None:
+        ensure_mini(self.root, self.mini_seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        world = load_world(self.root / "world.yaml")
+        clips = [c for c in read_manifest(self.root / "pool.jsonl") if c.split == "train"]
+        resolver = AudioResolver(self.root / "audio")
+        log.info("decoding %d SAKE-mini training clips into memory", len(clips))
+        waves = {(c.track, c.file): resolver.load(c.file, c.track, self.rate) for c in clips}
+        train_clips, val_clips = stratified_holdout(clips, self.holdout, self.seed)
+        length = self.steps * self.batch_size  # one pass: every step sees new examples
+        self.train_set = PretrainTasks(train_clips, waves, world, length, self.seed)
+        self.val_set = PretrainTasks(val_clips, waves, world, self.val_examples, self.seed + 1, augment=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=64, collate_fn=collate)

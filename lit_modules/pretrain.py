@@ -1,0 +1,103 @@
+"""Pretraining the tiny LALM on SAKE-mini so that every SAKE metric means something on a CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from evaluation.exact import exact_match
+from lalms.base import LALM
+from lit_modules.base import LALMModule
+
+log = logging.getLogger(__name__)
+
+
+class TinyPretrainModule(LALMModule):
+    """Teacher-forced answer NLL on mixed pretraining tasks; greedy exact-match accuracy in validation."""
+
+    def __init__(
+        self,
+        lalm: LALM,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.05,
+        max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__(lalm)
+        self.save_hyperparameters(ignore=["lalm"])
+        self._correct: dict[str, list[float]] = defaultdict(list)
+
+    def on_train_epoch_start(self) -> None:
+        self.model.train()  # Lightning keeps submodule modes; the adapter loads models in eval mode
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.lalm.loss(batch["prompts"], batch["answers"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        n = len(batch["prompts"])
+        self.log("val/loss", self.lalm.loss(batch["prompts"], batch["answers"]), batch_size=n)
+        responses = self.lalm.generate(batch["prompts"], self.hparams.max_new_tokens)
+        for resp, ans, task, attr in zip(
+            responses, batch["answers"], batch["tasks"], batch["attributes"], strict=True
+        ):
+            ok = float(exact_match(resp, ans))
+            self._correct[task].append(ok)
+            if task == "attribute":
+                self._correct[f"attribute_{attr}"].append(ok)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, values in sorted(self._correct.items()):
+            self.log(f"val/acc_{key}", sum(values) / len(values))
+        self._correct.clear()
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to floor * lr
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ExportLALM(L.Callback):
+    """At the end of training, save the trained LALM as a model folder (rank 0)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        pl_module.lalm.save(self.out_dir)
+        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
+        info = {
+            "global_step": trainer.global_step,
+            "metrics": metrics,
+            "run_dir": str(trainer.default_root_dir),
+        }
+        (self.out_dir / "training.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        log.info("exported the trained LALM to %s", self.out_dir)
