@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+from evaluation import base  # noqa: E402
 from lit_modules.hydra_utils import MissingChoiceError, log_config, require  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def plan(cfg: DictConfig) -> str:
     editor = cfg.ckpt or chosen("editor")
     data, judge = chosen("data"), chosen("judge")
     return (
-        f"evaluate {editor} on {cfg.model._target_.rsplit('.', 2)[-2]} ({cfg.model.path}) over {data}, "
+        f"evaluate {editor} on {cfg.model._target_.rsplit('.', 2)[-2]} ({cfg.model.get('path', 'new')}) over {data}, "
         f"judged by {judge}: single editing (edit, score, restore, next) and sequential editing "
         f"(10 sequences of 10, gaps 0-5); results.jsonl, metrics.json, report.md and plots under "
         f"{cfg.paths.output_dir}"
@@ -43,10 +44,14 @@ def main(cfg: DictConfig) -> None:
     log.info("plan: %s", plan(cfg))
     if cfg.dry_run:
         return
-    if cfg.ckpt is None:
-        require(cfg, "editor", "evaluate.py needs an editor (or ckpt=<exported editor>)")
+    editor = cfg.get("editor") or (
+        None if cfg.ckpt else require(cfg, "editor", "evaluate.py needs an editor")
+    )
     data = instantiate(require(cfg, "data", "evaluation needs SAKE-format test data"))
     data.prepare_data()  # builds SAKE-mini on first use
+    if editor is not None and editor.get("base_only"):
+        base.run(instantiate(cfg.model), data, cfg.paths.output_dir, cfg.limit, cfg.batch_size)
+        return
     raise MissingChoiceError("the evaluation sweeps are not part of this build yet; use dry_run=true")
 
 

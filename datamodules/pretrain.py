@@ -52,12 +52,17 @@ class PretrainTasks(Dataset):
         length: int,
         seed: int = 0,
         mix: dict[str, float] | None = None,
+        attribute_mix: dict[str, float] | None = None,
         augment: bool = True,
     ) -> None:
         self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
         mix = mix or {"attribute": 0.55, "portability": 0.2, "general": 0.15, "text": 0.1}
         self.tasks, self.weights = list(mix), list(mix.values())
         self.attrs = world["attributes"]
+        # Harder attributes (more labels, subtler cues) get more of the attribute examples.
+        attribute_mix = attribute_mix or {"gender": 0.1, "emotion": 0.25, "language": 0.4, "animal": 0.25}
+        self.attr_names = [a for a in self.attrs if a in attribute_mix]
+        self.attr_weights = [attribute_mix[a] for a in self.attr_names]
         track_attr = {spec["track"]: a for a, spec in self.attrs.items()}
         self.by_label: dict[tuple[str, str], list[PoolClip]] = defaultdict(list)
         self.general: list[PoolClip] = []
@@ -79,7 +84,7 @@ class PretrainTasks(Dataset):
         return wave
 
     def labelled_clip(self, rng: random.Random) -> tuple[str, str, PoolClip]:
-        attr = rng.choice(list(self.attrs))
+        attr = rng.choices(self.attr_names, self.attr_weights)[0]
         label = rng.choice(self.attrs[attr]["labels"])
         return attr, label, rng.choice(self.by_label[(attr, norm_label(label))])
 

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class MiniSizes:
     """Pool sizes (clips per label) and split sizes (edits per attribute)."""
 
-    clips_per_label: int = 200  # emotion, language; gender gets 1.5x, animals 0.6x
+    clips_per_label: int = 200  # emotion; gender gets 1.5x, language 2x, animals 0.6x
     general_per_label: int = 60
     test_fraction: float = 0.2
     train_per_attribute: int = 1000
@@ -62,7 +62,8 @@ class MiniSizes:
     sequence_length: int = 10
 
     def per_label(self, attr: str) -> int:
-        scale = {"gender": 1.5, "animal": 0.6}.get(attr, 1.0)
+        # Language needs the most distinct clips: each clip is a new sentence of 4,096 per language.
+        scale = {"gender": 1.5, "language": 2.0, "animal": 0.6}.get(attr, 1.0)
         return max(5, int(round(self.clips_per_label * scale)))
 
     def split_sizes(self) -> SplitSizes:
