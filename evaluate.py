@@ -30,8 +30,9 @@ def plan(cfg: DictConfig) -> str:
 
     editor = cfg.ckpt or chosen("editor")
     data, judge = chosen("data"), chosen("judge")
+    model = f"{cfg.model._target_.rsplit('.', 2)[-2]} ({cfg.model.get('path', 'new')})"
     return (
-        f"evaluate {editor} on {cfg.model._target_.rsplit('.', 2)[-2]} ({cfg.model.get('path', 'new')}) over {data}, "
+        f"evaluate {editor} on {model} over {data}, "
         f"judged by {judge}: single editing (edit, score, restore, next) and sequential editing "
         f"(10 sequences of 10, gaps 0-5); results.jsonl, metrics.json, report.md and plots under "
         f"{cfg.paths.output_dir}"
