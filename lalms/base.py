@@ -220,24 +220,34 @@ class LALM:
         }
 
     # ----------------------------------------------------------------- model calls
-    def forward(self, batch: Mapping[str, torch.Tensor], **kwargs: Any):
-        """Run the model on an encoded batch (labels are not passed: losses are computed here)."""
+    def forward(self, batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None):
+        """Run the model on an encoded batch (labels are not passed: losses are computed here).
+
+        `params` replaces the named parameters for this call only (torch.func.functional_call):
+        how editors evaluate an edited model without copying or modifying it.
+        """
         batch = self.to_device(batch)
         batch.pop("labels", None)
         mask = batch["attention_mask"]
         # Left padding: positions count real tokens only, as generation does.
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.model(**batch, position_ids=position_ids, use_cache=False, **kwargs)
+        kwargs = dict(batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        if params:
+            return torch.func.functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)
+        return self.model(**kwargs)
 
-    def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.forward(batch).logits
+    def logits(self, batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None):
+        return self.forward(batch, params).logits
 
     def loss(
-        self, prompts: Sequence[Prompt], answers: Sequence[str], reduction: str = "mean"
+        self,
+        prompts: Sequence[Prompt],
+        answers: Sequence[str],
+        reduction: str = "mean",
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Teacher-forced NLL of `answers`: per-example token means ('none') or their mean ('mean')."""
         batch = self.encode(prompts, answers)
-        return answer_nll(self.logits(batch), batch["labels"].to(self.device), reduction)
+        return answer_nll(self.logits(batch, params), batch["labels"].to(self.device), reduction)
 
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
         cfg = GenerationConfig.from_dict(self.model.generation_config.to_dict())
