@@ -60,7 +60,7 @@ class PretrainTasks(Dataset):
         self.tasks, self.weights = list(mix), list(mix.values())
         self.attrs = world["attributes"]
         # Harder attributes (more labels, subtler cues) get more of the attribute examples.
-        attribute_mix = attribute_mix or {"gender": 0.1, "emotion": 0.25, "language": 0.4, "animal": 0.25}
+        attribute_mix = attribute_mix or {"gender": 0.2, "emotion": 0.2, "language": 0.35, "animal": 0.25}
         self.attr_names = [a for a in self.attrs if a in attribute_mix]
         self.attr_weights = [attribute_mix[a] for a in self.attr_names]
         track_attr = {spec["track"]: a for a, spec in self.attrs.items()}

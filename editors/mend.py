@@ -155,7 +155,9 @@ class MEND(nn.Module):
 
             return fn
 
-        handles = [model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)]
+        handles = [
+            model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)
+        ]
         try:
             with torch.enable_grad():
                 batch = lalm.encode(prompts, answers)

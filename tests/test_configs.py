@@ -10,6 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import get_method
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -22,12 +23,22 @@ def entry_groups(entry):
     return [next(iter(d)) for d in defaults if isinstance(d, dict)]
 
 
+def fits(entry, group, path):
+    """Experiments override groups; they compose with the entry points that have those groups."""
+    if group != "experiment":
+        return True
+    defaults = yaml.safe_load(path.read_text()).get("defaults", [])
+    overridden = {next(iter(d)).split("/")[-1] for d in defaults if isinstance(d, dict)}
+    return overridden <= set(entry_groups(entry))
+
+
 def group_options():
     return [
         (entry, g, p.stem)
         for entry in ("train", "evaluate")
         for g in entry_groups(entry)
         for p in sorted((CONFIGS / g).glob("*.yaml"))
+        if fits(entry, g, p)
     ]
 
 
@@ -35,12 +46,10 @@ def group_options():
 def test_every_config_composes(entry, group, option):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name=entry, overrides=[f"{group}={option}"])
-    node = cfg[group]
-    targets = (
-        [node["_target_"]]
-        if "_target_" in node
-        else [v["_target_"] for v in node.values() if "_target_" in v]
-    )
+    # `???` values stay unresolved; experiments are global packages (they set module, data, ...)
+    node = OmegaConf.to_container(cfg[group] if group in cfg else cfg, resolve=False)
+    nested = [v for v in node.values() if isinstance(v, dict) and "_target_" in v]
+    targets = [node["_target_"]] if "_target_" in node else [v["_target_"] for v in nested]
     for target in targets:
         assert callable(get_method(target)), target
 

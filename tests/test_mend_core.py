@@ -41,7 +41,9 @@ def test_an_untrained_mend_takes_a_plain_gradient_step(lalm, clips):
 
 def test_a_gradient_step_lowers_the_edit_loss_and_undo_is_exact(lalm, clips):
     mend = MEND(lalm, SITES, edit_lr=0.05)
-    request = EditRequest(Prompt("Which animal?", audio=clips[0]), target="cat", original="dog", attribute="animal")
+    request = EditRequest(
+        Prompt("Which animal?", audio=clips[0]), target="cat", original="dog", attribute="animal"
+    )
     before = {n: p.detach().clone() for n, p in lalm.model.named_parameters()}
     loss_before = lalm.loss([request.prompt], [request.target]).item()
     handle = MENDEditor(mend).apply(request)

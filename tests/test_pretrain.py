@@ -34,8 +34,8 @@ def tasks(mini_dir):
 def test_examples_are_reproducible_and_answerable(tasks):
     seen = set()
     for i in range(len(tasks)):
-        ex = tasks[i]
-        assert ex == tasks[i] or ex.prompt.question == tasks[i].prompt.question  # a pure function of i
+        ex, again = tasks[i], tasks[i]  # a pure function of i
+        assert (ex.prompt.question, ex.answer, ex.task) == (again.prompt.question, again.answer, again.task)
         seen.add(ex.task)
         if ex.task == "text":
             assert ex.prompt.audio is None
