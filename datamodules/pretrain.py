@@ -56,11 +56,11 @@ class PretrainTasks(Dataset):
         augment: bool = True,
     ) -> None:
         self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
-        mix = mix or {"attribute": 0.55, "portability": 0.2, "general": 0.15, "text": 0.1}
+        mix = mix or {"attribute": 0.5, "portability": 0.35, "general": 0.1, "text": 0.05}
         self.tasks, self.weights = list(mix), list(mix.values())
         self.attrs = world["attributes"]
         # Harder attributes (more labels, subtler cues) get more of the attribute examples.
-        attribute_mix = attribute_mix or {"gender": 0.2, "emotion": 0.2, "language": 0.35, "animal": 0.25}
+        attribute_mix = attribute_mix or {"gender": 0.15, "emotion": 0.25, "language": 0.4, "animal": 0.2}
         self.attr_names = [a for a in self.attrs if a in attribute_mix]
         self.attr_weights = [attribute_mix[a] for a in self.attr_names]
         track_attr = {spec["track"]: a for a, spec in self.attrs.items()}
