@@ -18,7 +18,7 @@ untrained MEND takes a plain gradient step scaled by edit_lr. Edited models are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -197,23 +197,14 @@ class MEND(nn.Module):
         return self.new_params(self.capture([request.prompt], [request.target]))
 
 
-class MENDHandle:
-    """Undo of an applied MEND edit: the touched weights restored bitwise."""
-
-    def __init__(self, snapshot: WeightSnapshot) -> None:
-        self.snapshot = snapshot
-
-    def undo(self) -> None:
-        self.snapshot.undo()
-
-
 class MENDEditor:
     """The Editor protocol over a trained MEND: `apply` writes the edited weights in place."""
 
     def __init__(self, mend: MEND) -> None:
         self.mend = mend.eval()
 
-    def apply(self, request: EditRequest) -> MENDHandle:
+    def apply(self, request: EditRequest) -> WeightSnapshot:
+        """Write the edited weights in place; the returned snapshot's `undo` restores them bitwise."""
         with torch.no_grad():
             new = {k: v.detach() for k, v in self.mend.edit_params(request).items()}
         params = dict(self.mend.model.named_parameters())
@@ -221,10 +212,4 @@ class MENDEditor:
         with torch.no_grad():
             for name, value in new.items():
                 params[name].copy_(value)
-        return MENDHandle(snapshot)
-
-
-def mend_from_state(lalm: LALM, sites: Sequence[str], state: Mapping[str, torch.Tensor], **kwargs) -> MEND:
-    mend = MEND(lalm, sites, **kwargs)
-    mend.load_state_dict(state)
-    return mend
+        return snapshot

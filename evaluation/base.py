@@ -8,16 +8,20 @@ Responses are greedy and scored by exact option match.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from rich.progress import Progress
 
 from datamodules.audio_io import AudioResolver
+from datamodules.loader import SakeData
 from datamodules.schema import EditInstance, Query, attribute_of
 from evaluation.exact import exact_match
 from lalms.base import LALM
@@ -112,13 +116,6 @@ def run(
     lalm: LALM, datamodule: Any, out_dir: str, limit: int | None = None, batch_size: int = 64
 ) -> dict[str, Any]:
     """Base accuracy on a SakeDataModule's test split; writes metrics.json and report.md to out_dir."""
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    from datamodules.loader import SakeData
-
     data = SakeData.load(datamodule.root)
     items = data.test[:limit] if limit else data.test
     if not items:

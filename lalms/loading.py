@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import WhisperFeatureExtractor
 
 from lalms.tokenizer import default_corpus, train_tokenizer
@@ -92,13 +93,8 @@ def _architecture(cls: type[LALM], path: str, arch: Mapping[str, Any] | None):
 
 def _plain(obj: Any) -> Any:
     """OmegaConf containers to plain dicts/lists (transformers configs expect builtins)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        pass
+    if isinstance(obj, DictConfig | ListConfig):
+        return OmegaConf.to_container(obj, resolve=True)
     return dict(obj) if isinstance(obj, Mapping) else obj
 
 
