@@ -12,21 +12,20 @@ layer width:
     W_new      =  W - edit_lr[p] * sum_i d'_i x'_i^T
 
 The networks are stacks of low-rank residual layers initialised to the identity, so an
-untrained MEND takes a plain gradient step scaled by edit_lr. Edited models are evaluated with
-`torch.func.functional_call` on the replaced parameters only; the base model stays frozen.
+untrained MEND takes a plain gradient step scaled by edit_lr. The update is returned in the
+low-rank form editors/hypernet.py applies; the base model stays frozen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from editors.base import EditRequest, WeightSnapshot
-from lalms.base import LALM, answer_nll
-from lalms.prompt import Prompt
+from editors.base import EditRequest
+from editors.hypernet import MLP_PROJECTIONS, Captured, HyperNetwork, LowRankDelta
+from lalms.base import LALM
 
 
 class RunningNorm(nn.Module):
@@ -91,125 +90,52 @@ class GradientTransform(nn.Module):
         return h[:, : self.d_in], h[:, self.d_in :]
 
 
-@dataclass
-class Captured:
-    """Layer inputs and output gradients of one edited linear layer, over valid positions."""
-
-    x: torch.Tensor  # [N, d_in]
-    delta: torch.Tensor  # [N, d_out]
-
-
-class MEND(nn.Module):
-    """The trainable part of MEND for a set of edited linear weights of one model."""
+class MEND(HyperNetwork):
+    """MEND's trainable part for the edited linear weights of one model."""
 
     def __init__(
         self,
         lalm: LALM,
-        sites: Sequence[str],
+        layers: Sequence[int] | None = None,
+        projections: Sequence[str] = MLP_PROJECTIONS,
         edit_lr: float = 1e-4,
         rank: int = 1920,
         n_layers: int = 1,
     ) -> None:
-        super().__init__()
-        self.lalm = [lalm]  # a list keeps the base model out of this module's state
-        self.sites = list(sites)
-        model = lalm.model
-        self.module_paths = [lalm.edit_sites.resolve(s) for s in self.sites]
-        self.param_names = [f"{path}.weight" for path in self.module_paths]
-        modules = [model.get_submodule(p) for p in self.module_paths]
-        for path, mod in zip(self.module_paths, modules, strict=True):
-            if not isinstance(mod, nn.Linear):
-                raise TypeError(f"MEND edits linear layers; {path} is a {type(mod).__name__}")
-        shapes = [tuple(m.weight.shape) for m in modules]  # (d_out, d_in)
-        self.shape_keys = [f"{o}x{i}" for o, i in shapes]
+        super().__init__(lalm, layers, projections)
+        self.shape_keys = [f"{o}x{i}" for o, i in self.shapes]
         counts: dict[str, int] = {}
-        self.shape_index = []
+        self.shape_index = []  # the parameter's row in its shape's scale/shift
         for key in self.shape_keys:
             self.shape_index.append(counts.get(key, 0))
             counts[key] = counts.get(key, 0) + 1
         self.transforms = nn.ModuleDict()
-        for key, (d_out, d_in) in zip(self.shape_keys, shapes, strict=True):
+        for key, (d_out, d_in) in zip(self.shape_keys, self.shapes, strict=True):
             if key not in self.transforms:
                 self.transforms[key] = GradientTransform(d_in, d_out, counts[key], rank, n_layers)
-        self.x_norms = nn.ModuleList([RunningNorm(m.in_features) for m in modules])
-        self.delta_norms = nn.ModuleList([RunningNorm(m.out_features) for m in modules])
-        self.edit_lrs = nn.Parameter(torch.full((len(modules),), float(edit_lr)))
+        self.x_norms = nn.ModuleList([RunningNorm(d_in) for _, d_in in self.shapes])
+        self.delta_norms = nn.ModuleList([RunningNorm(d_out) for d_out, _ in self.shapes])
+        self.edit_lrs = nn.Parameter(torch.full((len(self.shapes),), float(edit_lr)))
 
-    @property
-    def model(self) -> nn.Module:
-        return self.lalm[0].model
+    def deltas(
+        self, requests: Sequence[EditRequest], captured: Sequence[Sequence[Captured]]
+    ) -> list[list[LowRankDelta]]:
+        """Transform every edit's (x, delta) pairs; the positions of all edits go through at once.
 
-    # ------------------------------------------------------------------ gradient capture
-    def capture(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[Captured]:
-        """Inputs and output gradients of the edited layers for the edit loss (no weight grads)."""
-        lalm, model = self.lalm[0], self.model
-        inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
-
-        def hook(i: int):
-            def fn(_mod, args, out):
-                inputs[i] = args[0].detach()
-                if not out.requires_grad:  # frozen base model: make the output a leaf we can differentiate
-                    out.requires_grad_(True)
-                outputs[i] = out
-
-            return fn
-
-        handles = [
-            model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)
-        ]
-        try:
-            with torch.enable_grad():
-                batch = lalm.encode(prompts, answers)
-                logits = lalm.logits(batch)
-                loss = answer_nll(logits, batch["labels"].to(logits.device))
-                grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(self.module_paths))])
-        finally:
-            for h in handles:
-                h.remove()
-        mask = batch["attention_mask"].to(logits.device).bool().reshape(-1)
-        captured = []
-        for i, g in enumerate(grads):
-            x = inputs[i].reshape(-1, inputs[i].shape[-1])[mask]
-            d = g.detach().reshape(-1, g.shape[-1])[mask]
-            keep = (x.abs().sum(-1) > 0) | (d.abs().sum(-1) > 0)  # drop positions where both vanish
-            captured.append(Captured(x[keep], d[keep]))
-        return captured
-
-    # ------------------------------------------------------------------ the edit
-    def new_params(self, captured: Sequence[Captured], update_stats: bool = False) -> dict[str, torch.Tensor]:
-        """Edited weights for the captured edit loss, as a name -> tensor map (differentiable)."""
-        params = dict(self.model.named_parameters())
-        out = {}
-        for i, cap in enumerate(captured):
-            if update_stats:
-                self.x_norms[i].update(cap.x)
-                self.delta_norms[i].update(cap.delta)
-            x = self.x_norms[i](cap.x.float())
-            d = self.delta_norms[i](cap.delta.float())
-            x2, d2 = self.transforms[self.shape_keys[i]](x, d, self.shape_index[i])
-            pseudo_grad = d2.T @ x2  # [d_out, d_in], a sum of rank-1 terms
-            weight = params[self.param_names[i]]
-            out[self.param_names[i]] = weight - (self.edit_lrs[i] * pseudo_grad).to(weight.dtype)
+        In training mode the running statistics first absorb this batch (as MEND does).
+        """
+        out: list[list[LowRankDelta]] = [[] for _ in captured]
+        for i in range(len(self.shapes)):
+            counts = [len(c[i].x) for c in captured]
+            x = torch.cat([c[i].x for c in captured]).float()
+            d = torch.cat([c[i].delta for c in captured]).float()
+            if self.training:
+                self.x_norms[i].update(x)
+                self.delta_norms[i].update(d)
+            x2, d2 = self.transforms[self.shape_keys[i]](
+                self.x_norms[i](x), self.delta_norms[i](d), self.shape_index[i]
+            )
+            for b, (xb, db) in enumerate(zip(x2.split(counts), d2.split(counts), strict=True)):
+                # W_new = W - edit_lr * sum_n d'_n^T x'_n
+                out[b].append(LowRankDelta(left=-self.edit_lrs[i] * db, right=xb))
         return out
-
-    def edit_params(self, request: EditRequest) -> dict[str, torch.Tensor]:
-        return self.new_params(self.capture([request.prompt], [request.target]))
-
-
-class MENDEditor:
-    """The Editor protocol over a trained MEND: `apply` writes the edited weights in place."""
-
-    def __init__(self, mend: MEND) -> None:
-        self.mend = mend.eval()
-
-    def apply(self, request: EditRequest) -> WeightSnapshot:
-        """Write the edited weights in place; the returned snapshot's `undo` restores them bitwise."""
-        with torch.no_grad():
-            new = {k: v.detach() for k, v in self.mend.edit_params(request).items()}
-        params = dict(self.mend.model.named_parameters())
-        snapshot = WeightSnapshot(self.mend.model, list(new))
-        with torch.no_grad():
-            for name, value in new.items():
-                params[name].copy_(value)
-        return snapshot

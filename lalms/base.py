@@ -51,9 +51,13 @@ class LALM:
         chat_template: str | None = None,
         system_prompt: str | None = None,
         edit_sites: Mapping[str, str] | None = None,
+        edit_layers: Sequence[int] = (-3, -2, -1),
+        name: str | None = None,
         max_new_tokens: int = 32,
     ) -> None:
         self.model = model.eval()
+        self.name = name or type(self).__name__.lower()  # short name for output folders
+        self.edit_layers = tuple(edit_layers)  # LLM layers the hypernetwork editors edit
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.template = chat_template or type(self).chat_template

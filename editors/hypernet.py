@@ -1,0 +1,223 @@
+"""What the hypernetwork editors (MEND, KE) share: gradient capture, low-rank edits, exact undo.
+
+Both editors turn the gradient of an edit loss into a weight update for a few linear layers of
+the LLM. For a linear layer y = x W^T the gradient is a sum over token positions of outer
+products delta_n^T x_n (delta: the gradient of the layer output, x: its input), and both
+editors' updates stay in that low-rank form:
+
+    dW = L^T R,   L [r, d_out],   R [r, d_in]
+
+which is all an edit needs:
+- applied to a model (evaluation), W + L^T R replaces W, through `torch.func.functional_call`
+  for a trial or in place with a `WeightSnapshot` for exact undo;
+- in meta-training, B different edits share one batched forward: the rows of edit b get
+  x (W + L_b^T R_b)^T = x W^T + (x R_b^T) L_b, added by a forward hook (`row_edits`). This equals
+  `functional_call` with each edit's replaced weights (tested) without materialising B weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editors.base import EditRequest, WeightSnapshot
+from lalms.base import IGNORE_INDEX, LALM
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Captured:
+    """Inputs and output gradients of one edited linear layer over one edit's valid positions."""
+
+    x: torch.Tensor  # [N, d_in]
+    delta: torch.Tensor  # [N, d_out]
+
+
+@dataclass
+class LowRankDelta:
+    """A weight update dW = left^T @ right of a linear layer."""
+
+    left: torch.Tensor  # [r, d_out]
+    right: torch.Tensor  # [r, d_in]
+
+    def dense(self) -> torch.Tensor:
+        return self.left.T @ self.right
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x dW^T for inputs x [..., d_in]."""
+        return (x @ self.right.T.to(x.dtype)) @ self.left.to(x.dtype)
+
+
+def per_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean answer NLL of each row ([B]); rows without answer tokens give 0."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class HyperNetwork(nn.Module):
+    """The trainable part of a gradient-based editor for a set of linear layers of one model.
+
+    Subclasses implement `deltas`: from the captured edit gradients (and the requests, for
+    editors that condition on the edit's text), one `LowRankDelta` per edited layer per edit.
+    The base model is held outside this module's parameters and state: checkpoints and exports
+    carry the editor only.
+    """
+
+    def __init__(
+        self,
+        lalm: LALM,
+        layers: Sequence[int] | None = None,
+        projections: Sequence[str] = MLP_PROJECTIONS,
+    ) -> None:
+        super().__init__()
+        self._lalm = [lalm]  # a list keeps the base model out of this module's parameters
+        layers = list(layers) if layers is not None else list(lalm.edit_layers)
+        if not layers:
+            raise ValueError("no edit layers: set model.edit_layers or the editor's `layers`")
+        self.sites = [f"llm.layers.{layer}.mlp.{proj}" for layer in layers for proj in projections]
+        self.module_paths = [lalm.edit_sites.resolve(s) for s in self.sites]
+        self.param_names = [f"{path}.weight" for path in self.module_paths]
+        self.shapes: list[tuple[int, int]] = []  # (d_out, d_in)
+        for path in self.module_paths:
+            mod = lalm.model.get_submodule(path)
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(
+                    f"{type(self).__name__} edits linear layers; {path} is a {type(mod).__name__}"
+                )
+            self.shapes.append(tuple(mod.weight.shape))
+
+    @property
+    def lalm(self) -> LALM:
+        return self._lalm[0]
+
+    # ------------------------------------------------------------------ to implement
+    def deltas(
+        self, requests: Sequence[EditRequest], captured: Sequence[Sequence[Captured]]
+    ) -> list[list[LowRankDelta]]:
+        """One LowRankDelta per edited layer (in `param_names` order) for each edit."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ gradient capture
+    def capture(
+        self, batch: Mapping[str, torch.Tensor], edit_rows: Sequence[int]
+    ) -> tuple[list[list[Captured]], torch.Tensor]:
+        """Edit-loss gradients at the edited layers, one edit per row in `edit_rows`.
+
+        One forward over the whole encoded batch (which may hold other rows, e.g. locality
+        queries whose pre-edit logits are wanted too): the loss is the sum over edit rows of each
+        row's mean answer NLL, so each edit's captured gradient is exactly its own loss's, and
+        rows never mix (positions belong to one row). Returns (per edit, per layer Captured;
+        the batch's detached pre-edit logits).
+        """
+        model = self.lalm.model
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+
+        def hook(i: int):
+            def fn(_mod, args, out):
+                inputs[i] = args[0].detach()
+                if not out.requires_grad:  # frozen base model: differentiate w.r.t. the output itself
+                    out.requires_grad_(True)
+                outputs[i] = out
+
+            return fn
+
+        handles = [
+            model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)
+        ]
+        try:
+            with torch.enable_grad():
+                logits = self.lalm.logits(batch)
+                labels = batch["labels"].to(logits.device)
+                rows = torch.as_tensor(list(edit_rows), device=logits.device)
+                loss = per_row_nll(logits[rows], labels[rows]).sum()
+                grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(self.module_paths))])
+        finally:
+            for h in handles:
+                h.remove()
+        mask = batch["attention_mask"].to(logits.device).bool()
+        captured: list[list[Captured]] = []
+        for row in edit_rows:
+            per_layer = []
+            for i, g in enumerate(grads):
+                x, d = inputs[i][row][mask[row]], g[row][mask[row]].detach()
+                keep = (x.abs().sum(-1) > 0) | (d.abs().sum(-1) > 0)  # drop positions where both vanish
+                per_layer.append(Captured(x[keep], d[keep]))
+            captured.append(per_layer)
+        return captured, logits.detach()
+
+    # ------------------------------------------------------------------ applying edits
+    def edit_params(self, request: EditRequest) -> dict[str, torch.Tensor]:
+        """The edited weights for one request, as a name -> tensor map (for functional_call)."""
+        batch = self.lalm.encode([request.prompt], [request.target])
+        captured, _ = self.capture(batch, [0])
+        (deltas,) = self.deltas([request], captured)
+        params = dict(self.lalm.model.named_parameters())
+        return {
+            name: params[name] + d.dense().to(params[name].dtype)
+            for name, d in zip(self.param_names, deltas, strict=True)
+        }
+
+    @contextmanager
+    def row_edits(
+        self, deltas: Sequence[Sequence[LowRankDelta]], rows: Sequence[Sequence[int]]
+    ) -> Iterator[None]:
+        """Within the block, model rows `rows[b]` run with edit b applied (see the module docstring)."""
+        model = self.lalm.model
+        if len(deltas) != len(rows):
+            raise ValueError(f"{len(deltas)} edits but {len(rows)} row groups")
+        index = [torch.as_tensor(list(r), dtype=torch.long) for r in rows]
+
+        def hook(i: int):
+            def fn(_mod, args, out):
+                x = args[0]
+                idx = torch.cat(index).to(out.device)
+                corr = torch.cat([deltas[b][i](x[index[b].to(x.device)]) for b in range(len(rows))])
+                return out + torch.zeros_like(out).index_add(0, idx, corr.to(out.dtype))
+
+            return fn
+
+        handles = [
+            model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def fingerprint(self) -> str:
+        """A digest of the base model's edited weights: which model an editor was trained on."""
+        h = hashlib.sha256()
+        params = dict(self.lalm.model.named_parameters())
+        for name in self.param_names:
+            h.update(name.encode())
+            h.update(params[name].detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+class HypernetEditor:
+    """The Editor protocol over a trained hypernetwork: `apply` writes edited weights in place."""
+
+    def __init__(self, network: HyperNetwork) -> None:
+        self.network = network.eval()
+
+    def apply(self, request: EditRequest) -> WeightSnapshot:
+        """Write the edited weights in place; the returned snapshot's `undo` restores them bitwise."""
+        with torch.no_grad():
+            new = {k: v.detach() for k, v in self.network.edit_params(request).items()}
+        model = self.network.lalm.model
+        snapshot = WeightSnapshot(model, list(new))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in new.items():
+                params[name].copy_(value)
+        return snapshot

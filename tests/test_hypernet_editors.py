@@ -1,0 +1,144 @@
+"""MEND and KE: the update rules, batched edits equal to functional_call, exact undo."""
+
+import pytest
+import torch
+
+from editors.base import EditRequest
+from editors.hypernet import HypernetEditor, LowRankDelta
+from editors.ke import KE
+from editors.mend import MEND, RunningNorm
+from lalms import Prompt
+
+
+def request(clip, target="cat", question="Which animal?"):
+    return EditRequest(Prompt(question, audio=clip), target=target, original="dog", attribute="animal")
+
+
+def weight_grads(lalm, names, prompt, target):
+    params = dict(lalm.model.named_parameters())
+    weights = [params[n] for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        return torch.autograd.grad(lalm.loss([prompt], [target]), weights)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+
+
+def test_running_norm_matches_full_batch_statistics():
+    torch.manual_seed(0)
+    data = torch.randn(500, 6) * 3 + 1
+    norm = RunningNorm(6)
+    for chunk in data.split([7, 100, 1, 250, 142]):
+        norm.update(chunk)
+    torch.testing.assert_close(norm.mean.float(), data.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close((norm.m2 / (norm.count - 1)).float(), data.var(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(norm(data).mean(0), torch.zeros(6), atol=1e-4, rtol=0)
+
+
+def test_an_untrained_mend_takes_a_plain_gradient_step(lalm, clips):
+    mend = MEND(lalm, edit_lr=1e-3).eval()
+    assert len(mend.param_names) == 9  # gate/up/down of the last three layers
+    assert len(mend.transforms) == 2  # gate/up share one shape, down another
+    req = request(clips[0])
+    new = mend.edit_params(req)
+    grads = weight_grads(lalm, list(new), req.prompt, req.target)
+    params = dict(lalm.model.named_parameters())
+    for (name, value), g in zip(new.items(), grads, strict=True):
+        torch.testing.assert_close(value, params[name] - 1e-3 * g, atol=1e-6, rtol=1e-4)
+
+
+def test_ke_update_is_the_elementwise_rule_on_the_true_gradient(lalm, clips):
+    torch.manual_seed(0)
+    ke = KE(lalm, layers=[-1], lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=0.1).eval()
+    req = request(clips[1])
+    new = ke.edit_params(req)
+    grads = weight_grads(lalm, ke.param_names, req.prompt, req.target)
+    cond = ke.condition([req])
+    params = dict(lalm.model.named_parameters())
+    for name, update, g in zip(ke.param_names, ke.updates, grads, strict=True):
+        r_a, c_a, r_b, c_b, eta = (t[0] for t in update(cond))
+        a = torch.outer(r_a.softmax(-1), c_a)
+        b = torch.outer(r_b.softmax(-1), c_b)
+        expected = params[name] + 0.1 * torch.sigmoid(eta) * (a * g + b)
+        torch.testing.assert_close(new[name], expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mend", "ke"])
+def test_batched_row_edits_equal_functional_call_per_edit(lalm, clips, kind):
+    torch.manual_seed(0)
+    net = (
+        MEND(lalm, edit_lr=0.5)
+        if kind == "mend"
+        else KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=50.0)
+    )
+    net.eval()
+    reqs = [request(clips[0], "cat"), request(clips[1], "frog", "Name the animal.")]
+    batch = lalm.encode([r.prompt for r in reqs], [r.target for r in reqs])
+    captured, _ = net.capture(batch, [0, 1])
+    deltas = net.deltas(reqs, captured)
+    # Each edit's rows: its own prompt plus a shared query, so rows of one edit sit apart.
+    queries = [reqs[0].prompt, reqs[1].prompt, Prompt("Is it loud?", audio=clips[0]), Prompt("Is it loud?")]
+    answers = ["cat", "frog", "yes", "no"]
+    groups = [[0, 2], [1, 3]]
+    enc = lalm.encode(queries, answers)
+    with torch.no_grad(), net.row_edits(deltas, groups):
+        batched = lalm.logits(enc)
+    with torch.no_grad():
+        assert (batched - lalm.logits(enc)).abs().max() > 1e-3  # the edits do change the answers
+    params = dict(lalm.model.named_parameters())
+    for b, rows in enumerate(groups):
+        edited = {n: params[n] + d.dense() for n, d in zip(net.param_names, deltas[b], strict=True)}
+        alone = lalm.encode([queries[r] for r in rows], [answers[r] for r in rows])
+        with torch.no_grad():
+            single = lalm.logits(alone, params=edited)
+        for k, r in enumerate(rows):
+            got = batched[r][enc["attention_mask"][r].bool()]
+            torch.testing.assert_close(
+                got, single[k][alone["attention_mask"][k].bool()], atol=1e-4, rtol=1e-4
+            )
+
+
+def test_capture_keeps_edits_apart_in_a_batch(lalm, clips):
+    net = MEND(lalm).eval()
+    reqs = [request(clips[0], "cat"), request(clips[1], "frog", "Name the animal.")]
+    both, _ = net.capture(lalm.encode([r.prompt for r in reqs], [r.target for r in reqs]), [0, 1])
+    for b, req in enumerate(reqs):
+        (alone,), _ = net.capture(lalm.encode([req.prompt], [req.target]), [0])
+        for c_both, c_alone in zip(both[b], alone, strict=True):
+            torch.testing.assert_close(c_both.x, c_alone.x, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(c_both.delta, c_alone.delta, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mend", "ke"])
+def test_an_edit_lowers_the_edit_loss_and_undo_is_exact(lalm, clips, kind):
+    torch.manual_seed(0)
+    net = MEND(lalm, edit_lr=0.05) if kind == "mend" else KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8)
+    req = request(clips[0])
+    before = {n: p.detach().clone() for n, p in lalm.model.named_parameters()}
+    handle = HypernetEditor(net).apply(req)
+    changed = {n for n, p in lalm.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(net.param_names)
+    if kind == "mend":  # an untrained MEND is a gradient step: the edit loss goes down
+        after = lalm.loss([req.prompt], [req.target]).item()
+        handle.undo()
+        assert after < lalm.loss([req.prompt], [req.target]).item()
+    else:
+        handle.undo()
+    assert all(torch.equal(p, before[n]) for n, p in lalm.model.named_parameters())
+
+
+def test_hypernetwork_state_excludes_the_base_model(lalm):
+    for net in (MEND(lalm, rank=4), KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8)):
+        state = net.state_dict()
+        assert not any("language_model" in k or "audio_tower" in k or k.startswith("model.") for k in state)
+    assert "edit_lrs" in MEND(lalm).state_dict()
+
+
+def test_edits_refuse_non_linear_sites_and_low_rank_delta_is_consistent(lalm):
+    with pytest.raises(TypeError, match="linear layers"):
+        MEND(lalm, projections=["act_fn"])
+    d = LowRankDelta(torch.randn(3, 5), torch.randn(3, 4))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(d(x), x @ d.dense().T)
