@@ -21,17 +21,22 @@ from lit_modules.hydra_utils import instantiate_loggers, log_config, require  # 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    # The LightningModule: an editor's (editor=...) or a recipe's own (experiment=pretrain_tiny).
-    module_cfg = (
-        cfg.module if cfg.get("module") else require(cfg, "editor", "train.py meta-trains an editor").module
-    )
+    # The LightningModule and its callbacks: a recipe's own (experiment=pretrain_tiny), or the
+    # editor's (editor=...), which add to the global `callbacks`.
+    callback_cfgs = dict(cfg.get("callbacks") or {})
+    if cfg.get("module"):
+        module_cfg = cfg.module
+    else:
+        editor = require(cfg, "editor", "train.py meta-trains an editor")
+        module_cfg = editor.module
+        callback_cfgs = {**(editor.get("callbacks") or {}), **callback_cfgs}
     data = require(cfg, "data", "training needs the SAKE train split")
     log_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     lalm = instantiate(cfg.model)
     module = instantiate(module_cfg, lalm=lalm)
     datamodule = instantiate(data)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in callback_cfgs.values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")), callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 

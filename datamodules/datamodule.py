@@ -8,6 +8,7 @@ parsed and their audio decoded lazily in the DataLoader workers. Batches are lis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -64,6 +65,7 @@ class DecodedStream(torch.utils.data.IterableDataset):
         self, stream: datasets.IterableDataset, resolver: AudioResolver, rate: int, length: int | None
     ):
         self.stream, self.resolver, self.rate, self.length = stream, resolver, rate, length
+        self.skip = 0  # records to pass over undecoded: a resumed run's already-trained part
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
@@ -74,16 +76,21 @@ class DecodedStream(torch.utils.data.IterableDataset):
         return to_example(inst, self.resolver, self.rate)
 
     def __iter__(self) -> Iterator[EditExample]:
+        return self._examples(self.skip)  # `skip` is read now, not at the first next()
+
+    def _examples(self, skip: int) -> Iterator[EditExample]:
         first: list[dict[str, Any]] = []
         n = 0
         for raw in self.stream:
             if len(first) < 8:
                 first.append(raw)
             n += 1
-            yield self.decode(raw)
+            if n > skip:
+                yield self.decode(raw)
         if self.length is not None:
             for i in range(self.length - n):
-                yield self.decode(first[i % len(first)])
+                if n + i + 1 > skip:
+                    yield self.decode(first[i % len(first)])
 
 
 class SakeDataModule(L.LightningDataModule):
@@ -91,6 +98,11 @@ class SakeDataModule(L.LightningDataModule):
 
     `root` holds the SAKE layout (root/train/... or root/data/train/...); `audio_root` the audio
     (default: root/audio). With `build_mini=True` a missing root is built as SAKE-mini first.
+
+    Resumable mid-epoch: the number of training batches the model has consumed in the current
+    epoch is part of Lightning checkpoints (`state_dict`), and a resumed run's loader passes over
+    those records without decoding them, so it continues with exactly the batches an
+    uninterrupted run would have seen next.
     """
 
     def __init__(
@@ -116,6 +128,8 @@ class SakeDataModule(L.LightningDataModule):
         self.name, self.build_mini, self.mini_seed = name, build_mini, mini_seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.rate, self.shuffle_buffer, self.seed = sampling_rate, shuffle_buffer, seed
+        self._consumed = {"epoch": 0, "batches": 0}  # training batches used in this epoch
+        self._resume: dict[str, int] | None = None
 
     def prepare_data(self) -> None:
         if self.build_mini:
@@ -145,17 +159,53 @@ class SakeDataModule(L.LightningDataModule):
             shard(stream, rank, world_size), AudioResolver(self.audio_root), self.rate, length
         )
 
-    def _loader(self, split: str) -> DataLoader:
+    def fingerprint(self) -> str:
+        """A digest of the training and validation files (recorded with exported editors)."""
+        h = hashlib.sha256()
+        for path, _ in self.files("train") + self.files("val"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        return h.hexdigest()[:16]
+
+    def _loader(self, split: str, skip: int = 0) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return DataLoader(
-            self.dataset(split, rank, world),
-            batch_size=self.batch_size,
-            collate_fn=list,
-            num_workers=self.num_workers,
+        dataset = self.dataset(split, rank, world)
+        dataset.skip = skip
+        return _OnceSkippingLoader(
+            dataset, batch_size=self.batch_size, collate_fn=list, num_workers=self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        resume, self._resume = self._resume, None
+        done = resume["batches"] if resume and resume["epoch"] == epoch else 0
+        if done:
+            log.info("resuming epoch %d after %d training batches", epoch, done)
+        self._consumed = {"epoch": epoch, "batches": done}
+        return self._loader("train", skip=done * self.batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:  # a batch the model is about to train on
+            epoch = self.trainer.current_epoch
+            if self._consumed["epoch"] != epoch:
+                self._consumed = {"epoch": epoch, "batches": 0}
+            self._consumed["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._consumed)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val") if self.files("val") else []
+
+
+class _OnceSkippingLoader(DataLoader):
+    """A DataLoader whose dataset's resume `skip` applies to the first iteration only."""
+
+    def __iter__(self):
+        it = super().__iter__()  # the dataset (and its skip) is captured here
+        self.dataset.skip = 0
+        return it

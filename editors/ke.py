@@ -86,7 +86,9 @@ class KE(HyperNetwork):
     def condition(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Condition vectors [B, condition_dim] for a batch of edits."""
         tok = self.lalm.tokenizer
-        ids = [tok(condition_text(r), add_special_tokens=False).input_ids or [tok.pad_token_id] for r in requests]
+        ids = [
+            tok(condition_text(r), add_special_tokens=False).input_ids or [tok.pad_token_id] for r in requests
+        ]
         lengths = torch.tensor([len(i) for i in ids])
         padded = torch.full((len(ids), int(lengths.max())), tok.pad_token_id, dtype=torch.long)
         for b, row in enumerate(ids):

@@ -14,13 +14,13 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment"]
+GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment", "tuning"]
 
 
 def entry_groups(entry):
     """The groups in an entry point's defaults list."""
     defaults = yaml.safe_load((CONFIGS / f"{entry}.yaml").read_text())["defaults"]
-    return [next(iter(d)) for d in defaults if isinstance(d, dict)]
+    return [next(iter(d)).removeprefix("optional ") for d in defaults if isinstance(d, dict)]
 
 
 def fits(entry, group, path):
@@ -37,6 +37,7 @@ def group_options():
         (entry, g, p.stem)
         for entry in ("train", "evaluate")
         for g in entry_groups(entry)
+        if g != "tuning"  # chosen by the editor and model (test below)
         for p in sorted((CONFIGS / g).glob("*.yaml"))
         if fits(entry, g, p)
     ]
@@ -52,6 +53,18 @@ def test_every_config_composes(entry, group, option):
     targets = [node["_target_"]] if "_target_" in node else [v["_target_"] for v in nested]
     for target in targets:
         assert callable(get_method(target)), target
+
+
+@pytest.mark.parametrize("tuning", sorted(p.stem for p in (CONFIGS / "tuning").glob("*.yaml")))
+def test_tuning_applies_to_its_editor_and_model_only(tuning):
+    editor, model = tuning.split("_", 1)
+    tuned = yaml.safe_load((CONFIGS / "tuning" / f"{tuning}.yaml").read_text())["editor"]["module"]
+    key, value = next((k, v) for k, v in tuned.items() if not isinstance(v, dict))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"editor={editor}", f"model={model}"])
+        other = compose(config_name="train", overrides=[f"editor={editor}", "model=qwen"])
+    assert cfg.editor.module[key] == value
+    assert other.editor.module[key] != value
 
 
 def test_all_groups_exist_and_known_models_are_there():

@@ -1,0 +1,293 @@
+"""Meta-training a hypernetwork editor (MEND, KE) on SAKE edit instances.
+
+Each training step takes B edit instances and, for all of them at once:
+1. encodes one batch of rows: per edit, the edit query, its equivalents (generality: the text
+   paraphrase and the other-audio queries, all answered with the target) and its locality
+   queries (audio and text, answered with their own labels);
+2. runs the frozen model once to capture each edit's gradient at the edited layers (its own
+   loss only) and the pre-edit logits of every row;
+3. turns the gradients into each edit's low-rank update and runs the model again with every
+   row under its own edit (editors/hypernet.py), differentiably;
+4. scores the edited rows: NLL on edit + equivalents (the edit loss), KL(pre || post) on the
+   locality queries' answer positions (the locality loss), and teacher-forced success: a row
+   succeeds when every answer token (and the turn end) is the argmax, which is exactly when
+   greedy decoding produces the answer.
+Subclasses (lit_modules/mend.py, lit_modules/ke.py) combine the losses and pick the optimiser.
+The base model is frozen and not a submodule: checkpoints hold the hypernetwork, its running
+statistics and the optimiser, nothing of the LALM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
+
+from datamodules.examples import EditExample
+from editors.base import EditRequest
+from editors.checkpoint import save_editor
+from editors.hypernet import HyperNetwork, per_row_nll
+from lalms.base import IGNORE_INDEX, LALM
+from lalms.prompt import Prompt
+
+log = logging.getLogger(__name__)
+
+KINDS = ("edit", "text_equiv", "audio_equiv", "locality")
+METRICS = ("edit_loss", "loc_loss", "success_edit", "success_text_equiv", "success_audio_equiv", "locality")
+
+
+@dataclass
+class MetaBatch:
+    """The rows of B edits, and which rows belong to which edit."""
+
+    prompts: list[Prompt]
+    answers: list[str]
+    kinds: list[str]  # one of KINDS per row
+    groups: list[list[int]]  # rows of edit b
+    edit_rows: list[int]  # the edit query's row of edit b
+    requests: list[EditRequest]
+
+    @classmethod
+    def build(cls, examples: Sequence[EditExample], locality: int | None = None, seed: int = 0) -> MetaBatch:
+        """`locality`: how many locality queries per edit (one text query first, then audio ones);
+        None: all. The choice is a function of (seed, instance), not of any global RNG."""
+        out = cls([], [], [], [], [], [])
+
+        def add(prompt: Prompt, answer: str, kind: str) -> None:
+            out.groups[-1].append(len(out.prompts))
+            out.prompts.append(prompt)
+            out.answers.append(answer)
+            out.kinds.append(kind)
+
+        for ex in examples:
+            inst = ex.instance
+            out.groups.append([])
+            out.edit_rows.append(len(out.prompts))
+            out.requests.append(ex.request())
+            add(ex.edit.prompt, inst.target, "edit")
+            for g in ex.generality:
+                add(g.prompt, inst.target, "text_equiv" if g.query.type == 1 else "audio_equiv")
+            loc = list(ex.locality)
+            if locality is not None and locality < len(loc):
+                rng = random.Random(zlib.crc32(f"{seed}:{Path(inst.source).name}:{inst.index}".encode()))
+                text = [q for q in loc if q.query.kind == "text_locality"]
+                audio = [q for q in loc if q.query.kind != "text_locality"]
+                rng.shuffle(text)
+                rng.shuffle(audio)
+                loc = (text[:1] + audio + text[1:])[:locality]
+            for q in loc:
+                add(q.prompt, q.answer, "locality")
+        return out
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Mask [B, T-1] of the positions whose next token is an answer token."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+class HypernetModule(L.LightningModule):
+    """Meta-training loop shared by the hypernetwork editors (manual optimisation)."""
+
+    def __init__(
+        self,
+        lalm: LALM,
+        network: DictConfig | dict,
+        locality_per_edit: int | None = 2,
+        max_grad_norm: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.lalm = lalm  # not an nn.Module: the base model stays out of parameters and checkpoints
+        lalm.model.requires_grad_(False)
+        self.network_cfg = (
+            OmegaConf.to_container(network, resolve=True)
+            if isinstance(network, DictConfig)
+            else dict(network)
+        )
+        self.net: HyperNetwork = instantiate(self.network_cfg, lalm=lalm)
+        self.save_hyperparameters(ignore=["lalm"])
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        # Validation means over all edits (and all DDP ranks), logged once per validation run.
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in METRICS})
+
+    # ------------------------------------------------------------------ devices
+    def _place_base_model(self) -> None:
+        if self.lalm.device != self.device:
+            self.lalm.model.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_base_model()
+
+    def on_validation_start(self) -> None:
+        self._place_base_model()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # prompts with numpy audio; the adapter encodes and moves them
+
+    # ------------------------------------------------------------------ the meta step
+    def meta_step(self, batch: MetaBatch) -> dict[str, torch.Tensor]:
+        lalm = self.lalm
+        enc = lalm.encode(batch.prompts, batch.answers)
+        captured, pre = self.net.capture(enc, batch.edit_rows)
+        deltas = self.net.deltas(batch.requests, captured)
+        with self.net.row_edits(deltas, batch.groups):
+            post = lalm.logits(enc)
+        labels = enc["labels"].to(post.device)
+        kinds = batch.kinds
+        rows = {
+            k: torch.tensor([i for i, kind in enumerate(kinds) if kind == k], dtype=torch.long) for k in KINDS
+        }
+        edited = torch.tensor([i for i, k in enumerate(kinds) if k != "locality"], dtype=torch.long)
+
+        out: dict[str, torch.Tensor] = {"edit_loss": per_row_nll(post[edited], labels[edited]).mean()}
+        answer = answer_positions(labels)
+        hit = (post[:, :-1].argmax(-1) == labels[:, 1:]) | ~answer
+        success = hit.all(-1).float()
+        for k in ("edit", "text_equiv", "audio_equiv"):
+            if len(rows[k]):
+                out[f"success_{k}"] = success[rows[k]].mean()
+        loc = rows["locality"]
+        if len(loc):
+            pre_lp = pre[loc, :-1].float().log_softmax(-1)
+            post_lp = post[loc, :-1].float().log_softmax(-1)
+            mask = answer[loc]
+            kl = (pre_lp.exp() * (pre_lp - post_lp)).sum(-1)  # KL(pre || post) per position
+            out["loc_loss"] = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+            same = (pre_lp.argmax(-1) == post_lp.argmax(-1)) | ~mask
+            out["locality"] = same.all(-1).float().mean()
+        else:
+            out["loc_loss"] = post.new_zeros(())
+        return out
+
+    def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, out: dict[str, torch.Tensor]) -> None:
+        """Called after each optimiser step (e.g. KE's Lagrange multiplier)."""
+
+    def _batch(self, examples: Sequence[EditExample], train: bool) -> MetaBatch:
+        locality = self.hparams.locality_per_edit if train else None
+        return MetaBatch.build(examples, locality, self.hparams.seed)
+
+    def training_step(self, examples: list[EditExample], batch_idx: int) -> None:
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.net.train()
+        out = self.meta_step(self._batch(examples, train=True))
+        loss = self.objective(out)
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = bool(self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0)  # all ranks agree
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hparams.max_grad_norm)
+        if finite:
+            opt.step()
+            self.after_step(out)
+        else:  # a non-finite meta-gradient: skip the step on every rank
+            self.skipped_steps += 1
+        n = len(examples)
+        logs = {f"train/{k}": v.detach() for k, v in out.items()}
+        logs.update(
+            {
+                "train/loss": loss.detach(),
+                "train/grad_norm": grad_norm.detach()
+                if math.isfinite(float(grad_norm))
+                else torch.tensor(-1.0),
+                "train/skipped_steps": self.skipped_steps.float(),
+                "time/step_s": torch.tensor(time.perf_counter() - start),
+            }
+        )
+        if self.device.type == "cuda":
+            logs["mem/peak_gib"] = torch.tensor(torch.cuda.max_memory_allocated(self.device) / 2**30)
+        logs.update(self.extra_logs())
+        self.log_dict(logs, batch_size=n, on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=n, logger=False)
+
+    def extra_logs(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def validation_step(self, examples: list[EditExample], batch_idx: int) -> None:
+        self.net.eval()
+        with torch.inference_mode(False):  # capturing the edit gradient needs autograd
+            out = self.meta_step(self._batch(examples, train=False))
+        for k, v in out.items():
+            self.val_metrics[k].update(v.detach(), weight=len(examples))
+            self.log(f"val/{k}", self.val_metrics[k], on_step=False, on_epoch=True)
+
+
+class ExportEditor(L.Callback):
+    """At the end of training, export the editor for `evaluate.py ckpt=` (rank 0).
+
+    The exported weights are the best validation checkpoint's when a ModelCheckpoint monitors
+    one, else the final ones.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, HypernetModule):
+            raise TypeError(f"ExportEditor exports hypernetwork editors, not {type(pl_module).__name__}")
+        best = (
+            getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        )
+        if not trainer.is_global_zero:
+            return
+        state, source = None, "final weights"
+        if best and Path(best).is_file():
+            ckpt = torch.load(best, map_location="cpu", weights_only=False)
+            state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+            source = f"{best} (val/success_edit {float(trainer.checkpoint_callback.best_model_score):.4f})"
+        net = pl_module.net
+        if state is not None:
+            current = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.load_state_dict(state)
+        datamodule = trainer.datamodule
+        data = {"name": getattr(datamodule, "name", None)}
+        if hasattr(datamodule, "fingerprint"):
+            data["fingerprint"] = datamodule.fingerprint()
+        training = {
+            "global_step": trainer.global_step,
+            "weights": source,
+            "metrics": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "run_dir": str(trainer.default_root_dir),
+        }
+        editor = type(net).__name__.lower()
+        out = save_editor(net, pl_module.network_cfg, self.out_dir, editor, data, training)
+        if state is not None:
+            net.load_state_dict(current)
+        log.info("exported the %s editor (%s) to %s", editor, source, out)
+
+
+class RecordSeenInstances(L.Callback):
+    """Append the instances each rank trains on to `<out_dir>/seen-rank<r>.txt` (file:index per line).
+
+    An audit of the data order: which records each DDP rank saw, and in what order.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"{Path(ex.instance.source).name}:{ex.instance.index}\n" for ex in batch]
+        with open(self.out_dir / f"seen-rank{trainer.global_rank}.txt", "a", encoding="utf-8") as f:
+            f.writelines(lines)

@@ -1,0 +1,37 @@
+"""Meta-training MEND: cedit * edit NLL + cloc * KL(pre || post), Adam with its own edit_lr rate."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_modules.hypernet import HypernetModule
+
+
+class MENDModule(HypernetModule):
+    def __init__(
+        self,
+        *args,
+        lr: float = 1e-6,
+        lr_lr: float = 1e-4,
+        cedit: float = 0.1,
+        cloc: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(ignore=["lalm"])
+
+    def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.hparams.cedit * out["edit_loss"] + self.hparams.cloc * out["loc_loss"]
+
+    def extra_logs(self) -> dict[str, torch.Tensor]:
+        lrs = self.net.edit_lrs.detach()
+        logs = {"edit_lr/mean": lrs.mean()}
+        logs.update({f"edit_lr/{site}": lr for site, lr in zip(self.net.sites, lrs, strict=True)})
+        return logs
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        edit_lrs = [self.net.edit_lrs]
+        others = [p for n, p in self.net.named_parameters() if n != "edit_lrs"]
+        return torch.optim.Adam(
+            [{"params": others, "lr": self.hparams.lr}, {"params": edit_lrs, "lr": self.hparams.lr_lr}]
+        )

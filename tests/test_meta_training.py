@@ -1,0 +1,168 @@
+"""Meta-training the hypernetwork editors: batches, the Lightning loop, export/load, resume, DDP."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from datamodules import SakeDataModule
+from editors.checkpoint import EditorModelMismatch, load_editor
+from lalms import Qwen2Audio
+from lit_modules.hypernet import ExportEditor, MetaBatch
+from lit_modules.ke import KEModule
+from lit_modules.mend import MENDModule
+
+ROOT = Path(__file__).resolve().parents[1]
+MEND_NET = {"_target_": "editors.mend.MEND", "edit_lr": 1e-2, "rank": 32}
+KE_NET = {"_target_": "editors.ke.KE", "lstm_dim": 8, "condition_dim": 16, "hidden_dim": 8, "max_scale": 1.0}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Qwen2Audio.load(str(ROOT / "checkpoints" / "tiny-lalm"), name="tiny")
+
+
+def module(kind, lalm, **kw):
+    L.seed_everything(0)
+    if kind == "mend":
+        return MENDModule(lalm, MEND_NET, lr=1e-3, lr_lr=1e-3, **kw)
+    return KEModule(lalm, KE_NET, lr=1e-3, **kw)
+
+
+def trainer(tmp_path, callbacks=(), **kw):
+    args = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        deterministic=True,
+    )
+    args.update(kw)
+    return L.Trainer(callbacks=list(callbacks), **args)
+
+
+def data(mini_dir, batch_size=2):
+    return SakeDataModule(str(mini_dir), name="sake_mini", num_workers=0, batch_size=batch_size)
+
+
+def test_meta_batch_rows_and_deterministic_locality(mini_dir):
+    examples = [ex for _, ex in zip(range(3), data(mini_dir).dataset("train"), strict=False)]
+    batch = MetaBatch.build(examples, locality=2, seed=0)
+    assert len(batch.groups) == 3 and all(len(g) == 1 + 3 + 2 for g in batch.groups)
+    for b, group in enumerate(batch.groups):
+        kinds = [batch.kinds[r] for r in group]
+        assert kinds[:4] == ["edit", "text_equiv", "audio_equiv", "audio_equiv"]
+        assert kinds[4:] == ["locality", "locality"]
+        assert batch.edit_rows[b] == group[0]
+        assert batch.prompts[group[4]].audio is None  # one text-locality query first
+        assert batch.answers[group[0]] == examples[b].instance.target
+    again = MetaBatch.build(examples, locality=2, seed=0)
+    assert [p.question for p in again.prompts] == [p.question for p in batch.prompts]
+    full = MetaBatch.build(examples, locality=None)
+    assert all(len(g) == 1 + 3 + len(ex.locality) for g, ex in zip(full.groups, examples, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["mend", "ke"])
+def test_meta_training_logs_exports_and_the_export_loads(kind, shipped, mini_dir, tiny_dirs, tmp_path):
+    mod = module(kind, shipped)
+    out = tmp_path / "export"
+    fit = trainer(
+        tmp_path, [ExportEditor(str(out))], limit_train_batches=3, limit_val_batches=2, log_every_n_steps=1
+    )
+    fit.fit(mod, datamodule=data(mini_dir))
+    metrics = fit.callback_metrics
+    for key in ("val/success_edit", "val/success_text_equiv", "val/success_audio_equiv", "val/locality"):
+        assert 0.0 <= float(metrics[key]) <= 1.0, key
+    assert float(metrics["val/edit_loss"]) > 0
+
+    info = yaml.safe_load((out / "editor.yaml").read_text())
+    assert info["editor"] == kind and info["model"]["name"] == "tiny"
+    assert info["model"]["edited_parameters"] == mod.net.param_names
+    assert info["data"]["name"] == "sake_mini" and len(info["data"]["fingerprint"]) == 16
+
+    editor = load_editor(out, shipped)
+    for a, b in zip(editor.network.state_dict().values(), mod.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    before = {n: p.detach().clone() for n, p in shipped.model.named_parameters()}
+    request = next(iter(data(mini_dir).dataset("val"))).request()
+    handle = editor.apply(request)
+    assert any(not torch.equal(p, before[n]) for n, p in shipped.model.named_parameters())
+    handle.undo()
+    assert all(torch.equal(p, before[n]) for n, p in shipped.model.named_parameters())
+
+    other = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))  # same shapes, other weights
+    with pytest.raises(EditorModelMismatch, match="trained on model 'tiny'"):
+        load_editor(out, other)
+
+
+class Kill(L.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            raise RuntimeError("killed")
+
+
+def test_a_killed_and_resumed_run_ends_with_the_same_weights(shipped, mini_dir, tmp_path):
+    steps = 4
+    whole = module("mend", shipped)
+    trainer(tmp_path / "whole", limit_train_batches=steps).fit(whole, datamodule=data(mini_dir))
+
+    ckpts = tmp_path / "ckpt"
+    save = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpts, save_top_k=0, save_last=True, every_n_train_steps=1
+    )
+    killed = module("mend", shipped)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(
+            tmp_path / "killed", [save, Kill(2)], limit_train_batches=steps, enable_checkpointing=True
+        ).fit(killed, datamodule=data(mini_dir))
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 2
+    resumed = module("mend", shipped)
+    dm = data(mini_dir)
+    trainer(tmp_path / "resumed", limit_train_batches=steps).fit(
+        resumed, datamodule=dm, ckpt_path=ckpts / "last.ckpt"
+    )
+    assert dm.state_dict() == {"epoch": 0, "batches": steps}
+    for (name, a), b in zip(whole.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # and training did move the network
+    assert not torch.equal(whole.net.edit_lrs, module("mend", shipped).net.edit_lrs)
+
+
+def test_two_process_cpu_ddp_trains_on_disjoint_data(mini_dir, tmp_path):
+    seen = tmp_path / "seen"
+    args = [
+        "editor=mend",
+        "trainer=ddp_cpu",
+        f"data.root={mini_dir}",
+        "data.build_mini=false",
+        "data.batch_size=2",
+        "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=1",
+        "editor.module.network.rank=32",
+        "+callbacks.seen._target_=lit_modules.hypernet.RecordSeenInstances",
+        f"+callbacks.seen.out_dir={seen}",
+        f"editor.callbacks.export.out_dir={tmp_path / 'export'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [(seen / f"seen-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert all(len(r) == 6 for r in ranks)  # 3 steps of 2 on each rank
+    assert not set(ranks[0]) & set(ranks[1])
+    assert (tmp_path / "export" / "editor.safetensors").is_file()
