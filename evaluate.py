@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+from editors.checkpoint import load_editor, read_info  # noqa: E402
 from evaluation import base  # noqa: E402
 from lit_modules.hydra_utils import MissingChoiceError, log_config, require  # noqa: E402
 
@@ -48,11 +49,18 @@ def main(cfg: DictConfig) -> None:
     editor = cfg.get("editor") or (
         None if cfg.ckpt else require(cfg, "editor", "evaluate.py needs an editor")
     )
+    info = read_info(cfg.ckpt) if cfg.ckpt else None  # fails early on a folder that is no export
     data = instantiate(require(cfg, "data", "evaluation needs SAKE-format test data"))
     data.prepare_data()  # builds SAKE-mini on first use
     if editor is not None and editor.get("base_only"):
         base.run(instantiate(cfg.model), data, cfg.paths.output_dir, cfg.limit, cfg.batch_size)
         return
+    if info is not None:  # a trained editor: it must have been trained on this model
+        lalm = instantiate(cfg.model)
+        load_editor(cfg.ckpt, lalm)
+        log.info(
+            "loaded the %s editor from %s (trained on %s)", info["editor"], cfg.ckpt, info["model"]["name"]
+        )
     raise MissingChoiceError("the evaluation sweeps are not part of this build yet; use dry_run=true")
 
 

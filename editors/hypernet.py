@@ -50,7 +50,10 @@ class LowRankDelta:
         return self.left.T @ self.right
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x dW^T for inputs x [..., d_in]."""
+        """x dW^T for inputs x [..., d_in], through whichever form costs fewer operations."""
+        rank, (d_out, d_in) = self.left.shape[0], (self.left.shape[1], self.right.shape[1])
+        if rank * (d_in + d_out) > d_in * d_out:  # more positions than a dense update is worth
+            return x @ self.dense().T.to(x.dtype)
         return (x @ self.right.T.to(x.dtype)) @ self.left.to(x.dtype)
 
 

@@ -103,3 +103,9 @@ def test_train_without_an_editor_names_the_missing_choice():
 def test_unknown_editor_fails_through_hydra():
     out = run("train.py", "editor=nonexistent")
     assert out.returncode != 0 and "Could not find 'editor/nonexistent'" in out.stderr
+
+
+def test_evaluate_names_a_folder_that_is_not_an_exported_editor(tmp_path):
+    out = run("evaluate.py", f"ckpt={tmp_path}", "data=sake_mini", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode != 0
+    assert f"{tmp_path}: not an exported editor (no editor.yaml)" in out.stderr

@@ -139,6 +139,7 @@ def test_hypernetwork_state_excludes_the_base_model(lalm):
 def test_edits_refuse_non_linear_sites_and_low_rank_delta_is_consistent(lalm):
     with pytest.raises(TypeError, match="linear layers"):
         MEND(lalm, projections=["act_fn"])
-    d = LowRankDelta(torch.randn(3, 5), torch.randn(3, 4))
-    x = torch.randn(2, 4)
-    torch.testing.assert_close(d(x), x @ d.dense().T)
+    for rank in (1, 3, 40):  # the factored path (few positions) and the dense one (many)
+        d = LowRankDelta(torch.randn(rank, 5), torch.randn(rank, 4))
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(d(x), x @ (d.left.T @ d.right).T, atol=1e-4, rtol=1e-4)
