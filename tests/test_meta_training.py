@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -166,3 +167,26 @@ def test_two_process_cpu_ddp_trains_on_disjoint_data(mini_dir, tmp_path):
     assert all(len(r) == 6 for r in ranks)  # 3 steps of 2 on each rank
     assert not set(ranks[0]) & set(ranks[1])
     assert (tmp_path / "export" / "editor.safetensors").is_file()
+
+
+def test_ke_multiplier_rises_with_violations_and_the_margin_shrinks_on_success(shipped):
+    mod = module("ke", shipped, margin_max=0.1, margin_min=0.05, margin_shrink=0.5, lagrange_lr=1.0)
+    mod._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce=lambda x, reduce_op: x), sanity_checking=False
+    )
+    mod.after_step({"loc_loss": torch.tensor(0.3)})
+    assert float(mod.lagrange) == pytest.approx(0.2)
+    assert float(
+        mod.objective({"edit_loss": torch.tensor(1.0), "loc_loss": torch.tensor(0.3)})
+    ) == pytest.approx(1.0 + 0.2 * 0.2)
+    for _ in range(3):
+        mod.after_step({"loc_loss": torch.tensor(0.0)})
+    assert float(mod.lagrange) == 0.0  # never negative
+    mod.val_metrics["success_edit"].update(torch.tensor(0.5))
+    mod.on_validation_epoch_end()
+    assert float(mod.margin) == pytest.approx(0.1)  # edit success below shrink_at: margin kept
+    mod.val_metrics["success_edit"].reset()
+    mod.val_metrics["success_edit"].update(torch.tensor(0.95))
+    mod.on_validation_epoch_end()
+    mod.on_validation_epoch_end()
+    assert float(mod.margin) == pytest.approx(0.05)  # halved once, then held at margin_min
