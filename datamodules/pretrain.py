@@ -53,6 +53,7 @@ class PretrainTasks(Dataset):
         seed: int = 0,
         mix: dict[str, float] | None = None,
         attribute_mix: dict[str, float] | None = None,
+        portability_mix: dict[str, float] | None = None,
         augment: bool = True,
     ) -> None:
         self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
@@ -61,8 +62,17 @@ class PretrainTasks(Dataset):
         self.attrs = world["attributes"]
         # Harder attributes (more labels, subtler cues) get more of the attribute examples.
         attribute_mix = attribute_mix or {"gender": 0.15, "emotion": 0.25, "language": 0.4, "animal": 0.2}
-        self.attr_names = [a for a in self.attrs if a in attribute_mix]
-        self.attr_weights = [attribute_mix[a] for a in self.attr_names]
+        # Portability weighs attributes by how many facts they carry (animal 72, gender 6).
+        portability_mix = portability_mix or {
+            "gender": 0.05,
+            "emotion": 0.12,
+            "language": 0.38,
+            "animal": 0.45,
+        }
+        self.attr_mix = {
+            task: ([a for a in self.attrs if a in m], [m[a] for a in self.attrs if a in m])
+            for task, m in (("attribute", attribute_mix), ("portability", portability_mix))
+        }
         track_attr = {spec["track"]: a for a, spec in self.attrs.items()}
         self.by_label: dict[tuple[str, str], list[PoolClip]] = defaultdict(list)
         self.general: list[PoolClip] = []
@@ -83,8 +93,9 @@ class PretrainTasks(Dataset):
             wave = (wave + rng.uniform(0.0, 0.004) * noise).astype(np.float32)
         return wave
 
-    def labelled_clip(self, rng: random.Random) -> tuple[str, str, PoolClip]:
-        attr = rng.choices(self.attr_names, self.attr_weights)[0]
+    def labelled_clip(self, rng: random.Random, task: str) -> tuple[str, str, PoolClip]:
+        names, weights = self.attr_mix[task]
+        attr = rng.choices(names, weights)[0]
         label = rng.choice(self.attrs[attr]["labels"])
         return attr, label, rng.choice(self.by_label[(attr, norm_label(label))])
 
@@ -92,7 +103,7 @@ class PretrainTasks(Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)
         task = rng.choices(self.tasks, self.weights)[0]
         if task == "attribute":
-            attr, label, clip = self.labelled_clip(rng)
+            attr, label, clip = self.labelled_clip(rng, task)
             spec = self.attrs[attr]
             options = rng.sample(spec["labels"], len(spec["labels"]))
             stem = rng.choice(spec["reliability"] + spec["paraphrase"])
@@ -100,7 +111,7 @@ class PretrainTasks(Dataset):
                 Prompt(with_options(stem, options), self.audio(clip, rng)), label, task, attr
             )
         if task == "portability":
-            attr, label, clip = self.labelled_clip(rng)
+            attr, label, clip = self.labelled_clip(rng, task)
             cat = rng.choice(list(self.world["knowledge"][attr].values()))
             facts = cat["facts"]
             answer = facts[label]
@@ -161,8 +172,12 @@ class PretrainDataModule(L.LightningDataModule):
         holdout: float = 0.05,
         sampling_rate: int = 16000,
         seed: int = 0,
+        mix: dict[str, float] | None = None,
+        attribute_mix: dict[str, float] | None = None,
+        portability_mix: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
+        self.mixes = {"mix": mix, "attribute_mix": attribute_mix, "portability_mix": portability_mix}
         self.root, self.mini_seed = Path(root), mini_seed
         self.batch_size, self.steps, self.val_examples = batch_size, steps, val_examples
         self.holdout, self.rate, self.seed = holdout, sampling_rate, seed
@@ -182,8 +197,11 @@ class PretrainDataModule(L.LightningDataModule):
         waves = {(c.track, c.file): resolver.load(c.file, c.track, self.rate) for c in clips}
         train_clips, val_clips = stratified_holdout(clips, self.holdout, self.seed)
         length = self.steps * self.batch_size  # one pass: every step sees new examples
-        self.train_set = PretrainTasks(train_clips, waves, world, length, self.seed)
-        self.val_set = PretrainTasks(val_clips, waves, world, self.val_examples, self.seed + 1, augment=False)
+        mixes = {k: dict(v) for k, v in self.mixes.items() if v}
+        self.train_set = PretrainTasks(train_clips, waves, world, length, self.seed, **mixes)
+        self.val_set = PretrainTasks(
+            val_clips, waves, world, self.val_examples, self.seed + 1, augment=False, **mixes
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate)

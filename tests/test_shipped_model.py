@@ -42,7 +42,6 @@ def test_the_shipped_model_answers_sake_mini_queries(shipped, mini_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 4 open: portability 77.0% (< 80%)", strict=True)
 def test_the_shipped_model_meets_its_model_card_bars():
     """The full SAKE-mini test split (builds data/sake_mini if needed; several minutes)."""
     from datamodules.mini.build import ensure_mini
