@@ -61,8 +61,8 @@ class MetaBatch:
 
     @classmethod
     def build(cls, examples: Sequence[EditExample], locality: int | None = None, seed: int = 0) -> MetaBatch:
-        """`locality`: how many locality queries per edit (one text query first, then audio ones);
-        None: all. The choice is a function of (seed, instance), not of any global RNG."""
+        """`locality`: how many locality queries (audio or text) per edit, sampled uniformly;
+        None: all. The sample is a function of (seed, instance), not of any global RNG."""
         out = cls([], [], [], [], [], [])
 
         def add(prompt: Prompt, answer: str, kind: str) -> None:
@@ -80,13 +80,9 @@ class MetaBatch:
             for g in ex.generality:
                 add(g.prompt, inst.target, "text_equiv" if g.query.type == 1 else "audio_equiv")
             loc = list(ex.locality)
-            if locality is not None and locality < len(loc):
+            if locality is not None and locality < len(loc):  # a uniform sample, fixed per instance
                 rng = random.Random(zlib.crc32(f"{seed}:{Path(inst.source).name}:{inst.index}".encode()))
-                text = [q for q in loc if q.query.kind == "text_locality"]
-                audio = [q for q in loc if q.query.kind != "text_locality"]
-                rng.shuffle(text)
-                rng.shuffle(audio)
-                loc = (text[:1] + audio + text[1:])[:locality]
+                loc = rng.sample(loc, locality)
             for q in loc:
                 add(q.prompt, q.answer, "locality")
         return out

@@ -65,7 +65,8 @@ def test_meta_batch_rows_and_deterministic_locality(mini_dir):
         assert kinds[:4] == ["edit", "text_equiv", "audio_equiv", "audio_equiv"]
         assert kinds[4:] == ["locality", "locality"]
         assert batch.edit_rows[b] == group[0]
-        assert batch.prompts[group[4]].audio is None  # one text-locality query first
+        questions = {q.prompt.question for q in examples[b].locality}
+        assert {batch.prompts[r].question for r in group[4:]} <= questions
         assert batch.answers[group[0]] == examples[b].instance.target
     again = MetaBatch.build(examples, locality=2, seed=0)
     assert [p.question for p in again.prompts] == [p.question for p in batch.prompts]
