@@ -191,3 +191,31 @@ def test_ke_multiplier_rises_with_violations_and_the_margin_shrinks_on_success(s
     mod.on_validation_epoch_end()
     mod.on_validation_epoch_end()
     assert float(mod.margin) == pytest.approx(0.05)  # halved once, then held at margin_min
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("editor", "bars"),
+    [
+        (
+            "mend",
+            {"success_edit": 0.9, "success_text_equiv": 0.8, "success_audio_equiv": 0.8, "locality": 0.8},
+        ),
+        ("ke", {"success_edit": 0.85}),
+    ],
+)
+def test_the_tiny_recipe_meets_the_issue_bars(editor, bars, tmp_path):
+    """`python train.py editor=<editor>` on the tiny LALM and full SAKE-mini (~15 min each)."""
+    args = [
+        f"editor={editor}",
+        f"editor.callbacks.export.out_dir={tmp_path / 'export'}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = yaml.safe_load((tmp_path / "export" / "editor.yaml").read_text())["training"]["metrics"]
+    for key, bar in bars.items():
+        assert metrics[f"val/{key}"] >= bar, (key, metrics)
