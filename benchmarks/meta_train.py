@@ -8,7 +8,8 @@ through the same configs as train.py, without Lightning's loop around it:
     python benchmarks/meta_train.py editor=mend model=qwen model.random_init=true model.device=cuda \\
         model.dtype=bfloat16 data.batch_size=8                      # real-size model, random weights
 
-`+steps=N` and `+warmup=N` set how many steps are timed and skipped (default 5 and 1). Prints one summary line.
+`+steps=N` and `+warmup=N` set how many steps are timed and skipped (default 5 and 1).
+Prints one summary line.
 """
 
 from __future__ import annotations
