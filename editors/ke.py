@@ -49,7 +49,9 @@ class ConditionEncoder(nn.Module):
 class ConditionedUpdate(nn.Module):
     """For one weight [d_out, d_in]: condition -> (r_a, c_a, r_b, c_b, eta)."""
 
-    def __init__(self, d_out: int, d_in: int, condition_dim: int, hidden_dim: int) -> None:
+    def __init__(
+        self, d_out: int, d_in: int, condition_dim: int, hidden_dim: int, zero_shift: bool = False
+    ) -> None:
         super().__init__()
         self.d_out, self.d_in = d_out, d_in
         self.net = nn.Sequential(
@@ -57,6 +59,12 @@ class ConditionedUpdate(nn.Module):
             nn.Tanh(),
             weight_norm(nn.Linear(hidden_dim, 2 * (d_out + d_in) + 1)),
         )
+        if zero_shift:  # r_b = c_b = 0 at first: B = 0, the update starts as A * grad_W alone
+            last = self.net[2]
+            b_rows = slice(d_out + d_in, 2 * (d_out + d_in))
+            with torch.no_grad():
+                last.parametrizations.weight.original0[b_rows] = 0.0  # weight-norm magnitudes
+                last.bias[b_rows] = 0.0
 
     def forward(self, condition: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.net(condition).split([self.d_out, self.d_in, self.d_out, self.d_in, 1], dim=-1)
@@ -74,13 +82,19 @@ class KE(HyperNetwork):
         condition_dim: int = 1024,
         hidden_dim: int = 128,
         max_scale: float = 1e-3,
+        zero_shift: bool = False,
     ) -> None:
+        """`zero_shift=True` starts B at zero (the reference initialises it at random), so an
+        untrained KE leaves locality intact and only rescales the gradient."""
         super().__init__(lalm, layers, projections)
         embed_dim = lalm.model.get_input_embeddings().embedding_dim
         self.max_scale = max_scale
         self.encoder = ConditionEncoder(embed_dim, lstm_dim, condition_dim)
         self.updates = nn.ModuleList(
-            [ConditionedUpdate(d_out, d_in, condition_dim, hidden_dim) for d_out, d_in in self.shapes]
+            [
+                ConditionedUpdate(d_out, d_in, condition_dim, hidden_dim, zero_shift)
+                for d_out, d_in in self.shapes
+            ]
         )
 
     def condition(self, requests: Sequence[EditRequest]) -> torch.Tensor:

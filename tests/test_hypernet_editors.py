@@ -143,3 +143,21 @@ def test_edits_refuse_non_linear_sites_and_low_rank_delta_is_consistent(lalm):
         d = LowRankDelta(torch.randn(rank, 5), torch.randn(rank, 4))
         x = torch.randn(2, 4)
         torch.testing.assert_close(d(x), x @ (d.left.T @ d.right).T, atol=1e-4, rtol=1e-4)
+
+
+def test_ke_zero_shift_starts_as_a_pure_rescaled_gradient(lalm, clips):
+    torch.manual_seed(0)
+    ke = KE(lalm, layers=[-1], lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=0.1, zero_shift=True)
+    req = request(clips[1])
+    cond = ke.condition([req])
+    for update in ke.updates:
+        _, c_a, r_b, c_b, _ = update(cond)
+        assert torch.count_nonzero(r_b) == 0 and torch.count_nonzero(c_b) == 0
+        assert torch.count_nonzero(c_a) > 0  # A keeps its random start
+    grads = weight_grads(lalm, ke.param_names, req.prompt, req.target)
+    params = dict(lalm.model.named_parameters())
+    new = ke.edit_params(req)
+    for name, update, g in zip(ke.param_names, ke.updates, grads, strict=True):
+        r_a, c_a, _, _, eta = (t[0] for t in update(cond))
+        expected = params[name] + 0.1 * torch.sigmoid(eta) * torch.outer(r_a.softmax(-1), c_a) * g
+        torch.testing.assert_close(new[name], expected, atol=1e-6, rtol=1e-4)
