@@ -91,13 +91,14 @@ def load_editor(ckpt: str | Path, lalm: LALM, check_model: bool = True) -> Hyper
     network: HyperNetwork = instantiate(info["network"], lalm=lalm)
     here = model_info(network)
     if check_model:
-        for key in ("edited_parameters", "edited_shapes", "fingerprint"):
+        for key in ("edited_parameters", "edited_shapes", "fingerprint"):  # fingerprint: the weights
             if here[key] != trained[key]:
                 raise EditorModelMismatch(
                     f"{ckpt}: this {info['editor']} editor was trained on model {trained['name']!r} "
                     f"({trained['path']}, edited weights {trained['fingerprint']}), but the loaded model is "
-                    f"{here['name']!r} ({here['path']}, edited weights {here['fingerprint']}): {key} differ. "
-                    f"Load the model it was trained on (model=...), or pass check_model=False to force."
+                    f"{here['name']!r} ({here['path']}, edited weights {here['fingerprint']}): "
+                    f"{key.replace('_', ' ')} differ. Load the model it was trained on (model=...); "
+                    f"from Python, load_editor(..., check_model=False) skips this check."
                 )
     network.load_state_dict(load_file(str(Path(ckpt) / WEIGHTS), device=str(lalm.device)))
     return HypernetEditor(network)

@@ -17,6 +17,7 @@ which is all an edit needs:
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ def per_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-class HyperNetwork(nn.Module):
+class HyperNetwork(nn.Module, abc.ABC):
     """The trainable part of a gradient-based editor for a set of linear layers of one model.
 
     Subclasses implement `deltas`: from the captured edit gradients (and the requests, for
@@ -101,12 +102,12 @@ class HyperNetwork(nn.Module):
     def lalm(self) -> LALM:
         return self._lalm[0]
 
-    # ------------------------------------------------------------------ to implement
+    # ------------------------------------------------------------------ each editor's rule
+    @abc.abstractmethod
     def deltas(
         self, requests: Sequence[EditRequest], captured: Sequence[Sequence[Captured]]
     ) -> list[list[LowRankDelta]]:
         """One LowRankDelta per edited layer (in `param_names` order) for each edit."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ gradient capture
     def capture(

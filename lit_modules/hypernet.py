@@ -19,6 +19,7 @@ statistics and the optimiser, nothing of the LALM.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import random
@@ -93,7 +94,7 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-class HypernetModule(L.LightningModule):
+class HypernetModule(L.LightningModule, abc.ABC):
     """Meta-training loop shared by the hypernetwork editors (manual optimisation)."""
 
     def __init__(
@@ -168,8 +169,9 @@ class HypernetModule(L.LightningModule):
             out["loc_loss"] = post.new_zeros(())
         return out
 
+    @abc.abstractmethod
     def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The meta-loss from `meta_step`'s losses (MEND: weighted sum; KE: Lagrangian)."""
 
     def after_step(self, out: dict[str, torch.Tensor]) -> None:
         """Called after each optimiser step (e.g. KE's Lagrange multiplier)."""
