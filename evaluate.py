@@ -2,6 +2,8 @@
 
 python evaluate.py ckpt=checkpoints/mend-tiny-sake_mini      # a trained, exported editor
 python evaluate.py editor=<name> model=qwen                   # an editor that needs no training
+python evaluate.py editor=none                                # the unedited model's accuracy
+python evaluate.py mode=rescore results=FILE judge=openai     # re-judge saved responses, no model
 python evaluate.py dry_run=true                               # print the plan and exit
 """
 
@@ -13,56 +15,89 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
+from lightning.fabric import Fabric
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import load_editor, read_info  # noqa: E402
-from evaluation import base  # noqa: E402
-from lit_modules.hydra_utils import MissingChoiceError, log_config, require  # noqa: E402
+from evaluation import base, rescore  # noqa: E402
+from evaluation.responses import ResponseCache  # noqa: E402
+from evaluation.run import run_sweeps  # noqa: E402
+from evaluation.sweep import Sweeper  # noqa: E402
+from lit_modules.hydra_utils import MissingChoiceError, log_config, register_resolvers, require  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def plan(cfg: DictConfig) -> str:
-    def chosen(group: str) -> str:
-        node = cfg.get(group)
-        return node.get("name", "custom") if node else f"<{group}=...>"
-
-    editor = cfg.ckpt or chosen("editor")
-    data, judge = chosen("data"), chosen("judge")
-    model = f"{cfg.model._target_.rsplit('.', 2)[-2]} ({cfg.model.get('path', 'new')})"
+    judge = cfg.judge._target_.rsplit(".", 1)[-1]
+    if cfg.mode == "rescore":
+        return f"re-judge the responses in {cfg.results} with {judge}; reports under {cfg.paths.output_dir}"
+    editor = cfg.ckpt or (cfg.editor.name if cfg.get("editor") else "<editor=... or ckpt=...>")
     return (
-        f"evaluate {editor} on {model} over {data}, "
-        f"judged by {judge}: single editing (edit, score, restore, next) and sequential editing "
-        f"(10 sequences of 10, gaps 0-5); results.jsonl, metrics.json, report.md and plots under "
+        f"evaluate {editor} on {cfg.model.name} ({cfg.model.path}) over {cfg.data.name}, judged by {judge}: "
+        f"sweeps {list(cfg.sweeps)} (single: edit, score, restore, next; sequential: 10 sequences of 10, "
+        f"gaps 0-{cfg.sequential.max_gap}); results.jsonl, metrics.json, report.md, plots under "
         f"{cfg.paths.output_dir}"
     )
+
+
+def build_editor(cfg: DictConfig, lalm):
+    """(editor, description) from ckpt= (trained editors) or editor=<name> (no training needed)."""
+    if cfg.ckpt:
+        info = read_info(cfg.ckpt)
+        return load_editor(cfg.ckpt, lalm), f"{info['editor']} ({Path(cfg.ckpt).name})"
+    editor = require(cfg, "editor", "evaluate.py needs an editor (or ckpt=<exported editor>)")
+    if "editor" not in editor:
+        raise MissingChoiceError(
+            f"editor={editor.name} is trained first: python train.py editor={editor.name} "
+            f"model={cfg.model.name}, then python evaluate.py "
+            f"ckpt=checkpoints/{editor.name}-{cfg.model.name}-{cfg.data.name}"
+        )
+    return instantiate(editor.editor, lalm=lalm), editor.name
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     log_config(cfg)
     log.info("plan: %s", plan(cfg))
+    out_dir, judge = Path(cfg.paths.output_dir), instantiate(cfg.judge)
     if cfg.dry_run:
         return
-    editor = cfg.get("editor") or (
-        None if cfg.ckpt else require(cfg, "editor", "evaluate.py needs an editor")
-    )
-    info = read_info(cfg.ckpt) if cfg.ckpt else None  # fails early on a folder that is no export
-    data = instantiate(require(cfg, "data", "evaluation needs SAKE-format test data"))
-    data.prepare_data()  # builds SAKE-mini on first use
-    if editor is not None and editor.get("base_only"):
-        base.run(instantiate(cfg.model), data, cfg.paths.output_dir, cfg.limit, cfg.batch_size)
+    if cfg.mode == "rescore":
+        rescore.run(require(cfg, "results", "mode=rescore re-judges a results file"), judge, out_dir)
         return
-    if info is not None:  # a trained editor: it must have been trained on this model
-        lalm = instantiate(cfg.model)
-        load_editor(cfg.ckpt, lalm)
+    if cfg.ckpt:
+        read_info(cfg.ckpt)  # fails early on a folder that is no export
+    fabric = Fabric(**cfg.fabric)
+    fabric.launch()
+    data = instantiate(cfg.data)
+    with fabric.rank_zero_first():
+        data.prepare_data()  # builds SAKE-mini on first use
+    lalm = instantiate(cfg.model, device=str(fabric.device))
+    cache = ResponseCache(cfg.response_cache, lalm.fingerprint())
+    if cfg.get("editor") and cfg.editor.get("base_only"):
+        if fabric.global_rank == 0:  # one process: it is one batched pass over distinct queries
+            base.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens)
+        return
+    editor, name = build_editor(cfg, lalm)
+    sweeper = Sweeper(
+        lalm, editor, judge, AudioResolver(data.audio_root), cache, cfg.max_new_tokens, cfg.batch_size,
+        fabric.global_rank, fabric.world_size,
+    )  # fmt: skip
+    identity = {"editor": name, "model": f"{lalm.name} ({lalm.fingerprint()})", "data": data.name}
+    identity |= {"judge": judge.name, "max_new_tokens": cfg.max_new_tokens}
+    sweeps = (cfg.sweeps, data.test_instances(), data.test_sequences() if "sequential" in cfg.sweeps else [])
+    metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, **cfg.sequential)
+    if fabric.global_rank == 0:
         log.info(
-            "loaded the %s editor from %s (trained on %s)", info["editor"], cfg.ckpt, info["model"]["name"]
+            "\n%s\nreport: %s", (out_dir / "report.md").read_text(encoding="utf-8"), out_dir / "report.md"
         )
-    raise MissingChoiceError("the evaluation sweeps are not part of this build yet; use dry_run=true")
+    return metrics
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

@@ -19,14 +19,15 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
+import yaml
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import EditExample, to_example
-from datamodules.loader import TRAIN_DIR, VAL_FILE, data_root
+from datamodules.loader import SEQ_FILE, TEST_DIR, TRAIN_DIR, VAL_FILE, SakeData, data_root
 from datamodules.mini.build import ensure_mini
-from datamodules.schema import ATTRIBUTES, parse_instance
+from datamodules.schema import ATTRIBUTES, EditInstance, parse_instance
 
 log = logging.getLogger(__name__)
 TAGS = ("_source", "_index", "_attribute")
@@ -117,6 +118,7 @@ class SakeDataModule(L.LightningDataModule):
         sampling_rate: int = 16000,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        max_instances: int | None = None,
     ) -> None:
         super().__init__()
         if num_workers not in (0, 1):
@@ -128,6 +130,9 @@ class SakeDataModule(L.LightningDataModule):
         self.name, self.build_mini, self.mini_seed = name, build_mini, mini_seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.rate, self.shuffle_buffer, self.seed = sampling_rate, shuffle_buffer, seed
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f"data.max_instances must be a positive number or null, got {max_instances}")
+        self.max_instances = max_instances  # smoke runs: the first N instances of each split
         self._consumed = {"epoch": 0, "batches": 0}  # training batches used in this epoch
         self._resume: dict[str, int] | None = None
 
@@ -154,10 +159,37 @@ class SakeDataModule(L.LightningDataModule):
         if split == "train":
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         total = sum(len(json.loads(p.read_text(encoding="utf-8"))) for p, _ in files)
+        if self.max_instances:
+            stream, total = stream.take(self.max_instances), min(total, self.max_instances)
         length = -(-total // world_size) if even and world_size > 1 else None
         return DecodedStream(
             shard(stream, rank, world_size), AudioResolver(self.audio_root), self.rate, length
         )
+
+    def test_instances(self) -> list[EditInstance]:
+        """The single-editing test split (the first `max_instances` when set)."""
+        test = SakeData.load(self.root).test
+        if not test:
+            raise FileNotFoundError(f"{data_root(self.root)}/{TEST_DIR}: no single-editing test files")
+        return test[: self.max_instances]
+
+    def test_sequences(self) -> list[list[EditInstance]]:
+        """The sequential-editing sequences; with `max_instances`, their first N edits in order."""
+        seqs = SakeData.load(self.root).sequences
+        if not seqs:
+            raise FileNotFoundError(f"{data_root(self.root)}/{SEQ_FILE}: no sequential-editing file")
+        out, left = [], self.max_instances or sum(len(s) for s in seqs)
+        for seq in seqs:
+            if left <= 0:
+                break
+            out.append(seq[:left])
+            left -= len(out[-1])
+        return out
+
+    def world(self) -> dict[str, Any] | None:
+        """SAKE-mini's world.yaml (labels, knowledge base), or None for data without one."""
+        path = Path(self.root) / "world.yaml"
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def fingerprint(self) -> str:
         """A digest of the training and validation files (recorded with exported editors)."""

@@ -21,6 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ATTRIBUTES = ("gender", "emotion", "language", "animal")
+# SAKE's label set per attribute (SAKE-mini uses the same ones).
+SAKE_LABELS = {
+    "gender": ("male", "female"),
+    "emotion": ("happy", "disgust", "sad", "fear", "angry"),
+    "language": ("english", "german", "spanish", "french", "italian", "chinese", "japanese", "korean"),
+    "animal": ("dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"),
+}
 OPTIONS_MARK = "\n\nOptions:\n"
 _COULD_BE = re.compile(r"the answer could be (?P<opts>.+?)\.?\s*$", re.IGNORECASE)
 _OR_SPLIT = re.compile(r"\s*,\s*(?:or\s+)?|\s+or\s+")

@@ -3,7 +3,7 @@
 Before an edit, the right answer to a reliability or generality query is the *original* label
 (the record's `answer` is the edit target), to an audio-locality query its own answer, and to a
 portability query the original label's fact (from the world's knowledge base, when given).
-Responses are greedy and scored by exact option match.
+Responses are greedy and judged like the sweeps' (default: the offline rule judge).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from rich.progress import Progress
 
 from datamodules.audio_io import AudioResolver
-from datamodules.loader import SakeData
-from datamodules.schema import EditInstance, Query, attribute_of
-from evaluation.exact import exact_match
+from datamodules.schema import EditInstance, Query, attribute_of, parse_options
+from evaluation.judges import CorrectnessCase, Judge
+from evaluation.judges.rule import RuleJudge
+from evaluation.progress import progress_bar
+from evaluation.records import write_atomic
+from evaluation.responses import ResponseCache, response_key
 from lalms.base import LALM
 from lalms.prompt import Prompt
 
@@ -75,29 +76,50 @@ def base_accuracy(
     world: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    judge: Judge | None = None,
+    cache: ResponseCache | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per kind ({kind: {"accuracy", "n"}}) plus the attribute average."""
+    """Accuracy per kind ({kind: {"accuracy": 0-1, "n"}}) plus the attribute average.
+
+    Responses come from `cache` when it holds them (the sweeps' pre-edit answers are the same
+    responses) and are judged by `judge` (default: the offline rule judge)."""
     todo = probes(items, world)
-    cache: dict[tuple[str, str | None], np.ndarray] = {}
+    judge = judge or RuleJudge()
+    cache = cache or ResponseCache(None, lalm.fingerprint())
+    keys = [response_key(p.file, p.track, p.question, max_new_tokens) for p in todo]
+    have = cache.get(keys)
+    missing = [(k, p) for k, p in zip(keys, todo, strict=True) if k not in have]
+    audio: dict[tuple[str, str | None], np.ndarray] = {}
 
     def prompt(p: Probe) -> Prompt:
         if p.file is None:
             return Prompt(p.question)
         key = (p.file, p.track)
-        if key not in cache:
-            cache[key] = resolver.load(p.file, p.track, lalm.sampling_rate)
-        return Prompt(p.question, audio=cache[key])
+        if key not in audio:
+            audio[key] = resolver.load(p.file, p.track, lalm.sampling_rate)
+        return Prompt(p.question, audio=audio[key])
 
+    with progress_bar(f"unedited answers ({len(todo)} distinct queries)", len(missing), "queries") as advance:
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            new = dict(
+                zip(
+                    [k for k, _ in chunk],
+                    lalm.generate([prompt(p) for _, p in chunk], max_new_tokens),
+                    strict=True,
+                )
+            )
+            cache.put(new)
+            have.update(new)
+            advance(len(chunk))
+    cases = [
+        CorrectnessCase(p.question, parse_options(p.question), p.truth, have[k])
+        for k, p in zip(keys, todo, strict=True)
+    ]
     correct: dict[str, list[bool]] = defaultdict(list)
-    with Progress() as progress:
-        bar = progress.add_task(f"base accuracy ({len(todo)} distinct queries)", total=len(todo))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            responses = lalm.generate([prompt(p) for p in chunk], max_new_tokens)
-            for p, r in zip(chunk, responses, strict=True):
-                for kind in p.kinds:
-                    correct[kind].append(exact_match(r, p.truth))
-            progress.advance(bar, len(chunk))
+    for p, j in zip(todo, judge.correctness(cases), strict=True):
+        for kind in p.kinds:
+            correct[kind].append(bool(j.verdict))
     out = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(correct.items())}
     attrs = [v for k, v in out.items() if k.startswith("attribute/")]
     if attrs:  # the mean over attributes (each attribute weighs the same)
@@ -113,20 +135,27 @@ def report(metrics: Mapping[str, Mapping[str, float]], title: str) -> str:
 
 
 def run(
-    lalm: LALM, datamodule: Any, out_dir: str, limit: int | None = None, batch_size: int = 64
+    lalm: LALM,
+    datamodule: Any,
+    out_dir: str | Path,
+    judge: Judge,
+    cache: ResponseCache,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
 ) -> dict[str, Any]:
-    """Base accuracy on a SakeDataModule's test split; writes metrics.json and report.md to out_dir."""
-    data = SakeData.load(datamodule.root)
-    items = data.test[:limit] if limit else data.test
-    if not items:
-        raise FileNotFoundError(f"{data.root}: no single-editing test split")
-    world_file = Path(datamodule.root) / "world.yaml"
-    world = yaml.safe_load(world_file.read_text(encoding="utf-8")) if world_file.is_file() else None
-    metrics = base_accuracy(lalm, items, AudioResolver(datamodule.audio_root), world, batch_size)
+    """The unedited model on a SakeDataModule's test split; writes metrics.json and report.md."""
+    items = datamodule.test_instances()
+    accuracy = base_accuracy(
+        lalm, items, AudioResolver(datamodule.audio_root), datamodule.world(), batch_size, max_new_tokens,
+        judge, cache,
+    )  # fmt: skip
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    text = report(metrics, f"Unedited model on {datamodule.name} test ({len(items)} instances)")
-    (out / "report.md").write_text(text, encoding="utf-8")
+    metrics = {
+        "base": {k: {"accuracy": round(100 * v["accuracy"], 4), "n": v["n"]} for k, v in accuracy.items()},
+        "run": {"editor": "none", "model": lalm.name, "data": datamodule.name, "judge": judge.name},
+    }
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    text = report(accuracy, f"Unedited {lalm.name} on {datamodule.name} test ({len(items)} instances)")
+    write_atomic(out / "report.md", text)
     log.info("\n%s", text)
     return metrics

@@ -8,6 +8,7 @@ edit sites) is shared here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -115,6 +116,19 @@ class LALM:
     @property
     def sampling_rate(self) -> int:
         return int(self.processor.feature_extractor.sampling_rate)
+
+    def fingerprint(self, sample: int = 65536) -> str:
+        """A digest of the weights and of how prompts are rendered: caches of the unedited model's
+        answers are keyed by it. Each tensor contributes its name, shape, dtype and at most
+        `sample` evenly strided values, so a 7B model is fingerprinted in about a second."""
+        h = hashlib.sha256()
+        h.update(f"{type(self).__name__}|{self.template}|{self.system_prompt}".encode())
+        for name, p in self.model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            values = flat[:: max(1, flat.numel() // sample)].float().cpu().numpy()
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+            h.update(values.tobytes())
+        return h.hexdigest()[:16]
 
     # ----------------------------------------------------------------- prompts
     def messages(self, prompt: Prompt) -> list[dict]:

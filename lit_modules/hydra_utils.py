@@ -39,3 +39,17 @@ def instantiate_loggers(cfg: DictConfig | None) -> list:
 
 def log_config(cfg: DictConfig) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+
+
+def eval_run_name(
+    mode: str, ckpt: str | None, editor: str | None, model: str, data: str, results: str | None
+) -> str:
+    """The evaluation run folder's name: stable, so re-running a command resumes it."""
+    if mode == "rescore":
+        return f"rescore-{Path(str(results)).parent.name}-{Path(str(results)).stem}"
+    return f"{Path(ckpt).name if ckpt else editor or 'none'}-{model}-{data}"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the configs use (idempotent)."""
+    OmegaConf.register_new_resolver("eval_run_name", eval_run_name, replace=True)

@@ -1,0 +1,494 @@
+"""The paper's LLM judge: an OpenAI chat model (GPT-5 mini by default) asked for a YES/NO verdict.
+
+Cases that need no model are decided locally, as in the paper: an empty response is wrong
+(correctness) or inconsistent (consistency); a response that is the ground-truth option's text
+is correct; a post-edit response that equals the pre-edit one is consistent. Everything else is
+sent to the model through the `openai` client (any OpenAI-compatible server via `base_url`).
+
+Decisions are cached in an SQLite file keyed by a sha256 of the judge settings, the prompt
+version and the rendered prompt, so a re-run makes no calls for cases already judged. Replies
+that cannot be parsed are *not* cached: they come back as `Judgment(None, "invalid")` and are
+asked again on the next run. The API key is read from an environment variable only and is
+never stored, logged or put in an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+
+from evaluation.exact import normalize
+from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
+
+log = logging.getLogger(__name__)
+
+Case = TypeVar("Case", CorrectnessCase, ConsistencyCase)
+
+PROMPT_VERSION = "sake-judge-v1"  # bump whenever a prompt or the parser changes: it keys the cache
+
+_SYSTEM = (
+    "You grade answers for a benchmark of questions about audio clips. You never hear the audio and "
+    "must not guess what it contains: judge only the texts you are given. Your whole reply must be a "
+    "single line, either `VERDICT: YES` or `VERDICT: NO`, with nothing before or after it."
+)
+
+_CORRECTNESS = """\
+Does the model's response commit to the reference answer of this multiple-choice question?
+
+Question, exactly as the model received it:
+<<<
+{question}
+>>>
+{options}Reference answer: {truth}
+
+Model's response:
+<<<
+{response}
+>>>
+
+Say YES only when the response clearly picks the reference answer: the same option, possibly \
+reworded, abbreviated, given as a synonym or surrounded by an explanation, and no other option \
+alongside it. Say NO when it picks a different option, hedges between several options, refuses, \
+says it cannot tell, or never settles on an answer.
+
+Reply with one line only: VERDICT: YES or VERDICT: NO"""
+
+_CONSISTENCY = """\
+Do these two responses to the same multiple-choice question give the same answer?
+
+Question, exactly as the model received it:
+<<<
+{question}
+>>>
+{options}
+Original response:
+<<<
+{before}
+>>>
+
+New response:
+<<<
+{after}
+>>>
+
+Say YES when the new response settles on the same answer as the original one (wording, length \
+and explanations may differ). Say NO when it settles on a different answer, or when one response \
+commits to an answer and the other does not. When neither commits to an answer, say YES only if \
+both say essentially the same thing.
+
+Reply with one line only: VERDICT: YES or VERDICT: NO"""
+
+_MARKUP = str.maketrans("", "", "*_`#>")
+_VERDICT_LINE = re.compile(r"verdict\s*:\s*(yes|no)\s*\.?", re.IGNORECASE)
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class JudgeError(RuntimeError):
+    """The judge could not get a verdict (bad request, bad key, or too many failed attempts)."""
+
+
+@dataclass
+class JudgeCounters:
+    """What the judge did, for the report. `invalid` counts unparsable replies."""
+
+    cases: int = 0
+    shortcuts: int = 0
+    cache_hits: int = 0
+    calls: int = 0  # HTTP requests made, retries included
+    retries: int = 0
+    invalid: int = 0
+
+
+def parse_verdict(reply: str | None) -> bool | None:
+    """YES -> True, NO -> False; None unless the reply holds exactly one kind of verdict line.
+
+    Case, surrounding whitespace, markdown emphasis and a trailing full stop are tolerated;
+    a reply with both a YES and a NO verdict, or with no `VERDICT:` line at all, is unparsable.
+    """
+    if not reply:
+        return None
+    found: set[str] = set()
+    for line in reply.translate(_MARKUP).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        match = _VERDICT_LINE.fullmatch(line)
+        if match is None:
+            return None
+        found.add(match.group(1).lower())
+    return (found == {"yes"}) if len(found) == 1 else None
+
+
+def _options_block(options: Sequence[str]) -> str:
+    if not options:
+        return ""
+    return "Options: " + "; ".join(f"({i}) {o}" for i, o in enumerate(options, 1)) + "\n"
+
+
+def correctness_prompt(case: CorrectnessCase) -> str:
+    """The user message for one correctness case."""
+    return _CORRECTNESS.format(
+        question=case.question.strip(),
+        options=_options_block(case.options),
+        truth=case.truth.strip(),
+        response=case.response.strip(),
+    )
+
+
+def consistency_prompt(case: ConsistencyCase) -> str:
+    """The user message for one consistency case."""
+    return _CONSISTENCY.format(
+        question=case.question.strip(),
+        options=_options_block(case.options),
+        before=case.before.strip(),
+        after=case.after.strip(),
+    )
+
+
+class OpenAIJudge:
+    """LLM judge over the OpenAI chat-completions API, with shortcuts, a cache, retries and a thread pool."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        name: str = "openai",
+        model: str = "gpt-5-mini-2025-08-07",
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        reasoning_effort: str | None = "minimal",
+        seed: int | None = 0,
+        temperature: float | None = None,
+        max_completion_tokens: int | None = 512,
+        max_concurrency: int = 8,
+        max_retries: int = 6,
+        timeout_s: float = 60.0,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        cache_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise JudgeError(
+                f"judge=openai needs an API key in the environment variable {api_key_env}, which is unset or "
+                f"empty. Export it (`export {api_key_env}=...`), or use judge=rule for the offline judge."
+            )
+        self.name = name
+        self.model = model
+        self.api_key_env = api_key_env
+        self.reasoning_effort = reasoning_effort
+        self.seed = seed
+        self.temperature = temperature
+        self.max_completion_tokens = max_completion_tokens
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.cache_path = Path(cache_path) if cache_path is not None else None
+        # Our own retry loop: the client must not retry behind our back.
+        self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
+        self.base_url = str(self._client.base_url)
+        self.counters = JudgeCounters()
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+        if self.cache_path is not None:
+            self._init_cache()
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, cache_path={self.cache_path!r})"
+        )
+
+    # ---------------------------------------------------------------- public API
+
+    def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
+        """One judgment per case, in order."""
+        return self._judge("correctness", cases, self._correctness_shortcut, correctness_prompt)
+
+    def consistency(self, cases: Sequence[ConsistencyCase]) -> list[Judgment]:
+        """One judgment per case, in order."""
+        return self._judge("consistency", cases, self._consistency_shortcut, consistency_prompt)
+
+    def stats(self) -> dict[str, int]:
+        """The counters as a plain dict (for the report)."""
+        with self._lock:
+            return asdict(self.counters)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ---------------------------------------------------------------- shortcuts
+
+    @staticmethod
+    def _correctness_shortcut(case: CorrectnessCase) -> Judgment | None:
+        if not case.response.strip():
+            return Judgment(False, "empty")
+        if normalize(case.response) == normalize(case.truth):
+            return Judgment(True, "shortcut", committed=case.truth)
+        return None
+
+    @staticmethod
+    def _consistency_shortcut(case: ConsistencyCase) -> Judgment | None:
+        if not case.after.strip() or not case.before.strip():
+            return Judgment(False, "empty")
+        if normalize(case.after) == normalize(case.before):
+            return Judgment(True, "shortcut")
+        return None
+
+    # ---------------------------------------------------------------- batch logic
+
+    def _judge(
+        self,
+        kind: str,
+        cases: Sequence[Case],
+        shortcut: Callable[[Case], Judgment | None],
+        render: Callable[[Case], str],
+    ) -> list[Judgment]:
+        """Shortcuts first, then the cache, then the model for what is left; results in case order."""
+        results: list[Judgment | None] = [None] * len(cases)
+        pending: dict[str, tuple[str, list[int]]] = {}  # cache key -> (prompt, case indices)
+        for i, case in enumerate(cases):
+            decided = shortcut(case)
+            if decided is not None:
+                results[i] = decided
+                continue
+            prompt = render(case)
+            key = self._cache_key(kind, prompt)
+            pending.setdefault(key, (prompt, []))[1].append(i)
+        n_shortcuts = len(cases) - sum(len(idx) for _, idx in pending.values())
+
+        cached = self._cache_get(list(pending)) if pending else {}
+        verdicts: dict[str, bool | None] = dict(cached)
+        todo = {k: v[0] for k, v in pending.items() if k not in cached}
+        with self._lock:
+            self.counters.cases += len(cases)
+            self.counters.shortcuts += n_shortcuts
+            self.counters.cache_hits += sum(len(pending[k][1]) for k in cached)
+        if todo:
+            verdicts.update(self._ask_all(kind, todo))
+
+        n_invalid = 0
+        for key, (_, indices) in pending.items():
+            verdict = verdicts[key]
+            if verdict is None:
+                n_invalid += len(indices)
+                judgment = Judgment(None, "invalid")
+            else:
+                first = cases[indices[0]]
+                committed = first.truth if isinstance(first, CorrectnessCase) and verdict else None
+                judgment = Judgment(verdict, "llm", committed=committed)
+            for i in indices:
+                results[i] = judgment
+        with self._lock:
+            self.counters.invalid += n_invalid
+        log.info(
+            "%s judge (%s): %d %s cases, %d shortcuts, %d cached, %d asked, %d invalid",
+            self.name,
+            self.model,
+            len(cases),
+            kind,
+            n_shortcuts,
+            len(pending) - len(todo),
+            len(todo),
+            n_invalid,
+        )
+        return [r for r in results if r is not None]
+
+    def _ask_all(self, kind: str, todo: dict[str, str]) -> dict[str, bool | None]:
+        """Ask the model about every prompt, at most `max_concurrency` at a time."""
+        out: dict[str, bool | None] = {}
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.max_concurrency, len(todo)), thread_name_prefix="judge"
+        )
+        try:
+            futures: dict[Future[bool | None], str] = {
+                pool.submit(self._ask_and_store, kind, key, prompt): key for key, prompt in todo.items()
+            }
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                fut.result()  # re-raises the first failure; the rest are cancelled below
+            for fut, key in futures.items():
+                out[key] = fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+    def _ask_and_store(self, kind: str, key: str, prompt: str) -> bool | None:
+        reply = self._call(prompt)
+        verdict = parse_verdict(reply)
+        if verdict is None:
+            log.warning("unparsable %s reply from %s (not cached): %.200r", kind, self.model, reply)
+        else:
+            self._cache_put(key, kind, verdict, reply or "")
+        return verdict
+
+    # ---------------------------------------------------------------- HTTP with retries
+
+    def _request_kwargs(self, prompt: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}],
+        }
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.max_completion_tokens is not None:
+            kwargs["max_completion_tokens"] = self.max_completion_tokens
+        return kwargs
+
+    def _call(self, prompt: str) -> str | None:
+        """The model's reply text; retries transient failures, raises JudgeError on the rest."""
+        kwargs = self._request_kwargs(prompt)
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            with self._lock:
+                self.counters.calls += 1
+            retry_after: float | None = None
+            try:
+                completion = self._client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as exc:  # an HTTP error status
+                status = exc.status_code
+                if status not in _RETRYABLE_STATUS and status < 500:
+                    raise JudgeError(
+                        f"{self.name} judge: {self.model} at {self.base_url} refused the request with HTTP "
+                        f"{status} ({self._redact(exc.message)}); not retried"
+                        + (f" - check {self.api_key_env}" if status in (401, 403) else "")
+                    ) from None
+                last = f"HTTP {status}: {self._redact(exc.message)}"
+                retry_after = _retry_after(exc.response.headers)
+            except openai.APIConnectionError as exc:  # connection errors and timeouts
+                last = f"{type(exc).__name__}: {self._redact(str(exc))}"
+            else:
+                choice = completion.choices[0] if completion.choices else None
+                if choice is None or not choice.message.content:
+                    log.warning(
+                        "%s returned no text (finish_reason=%s)",
+                        self.model,
+                        getattr(choice, "finish_reason", None),
+                    )
+                    return None
+                return choice.message.content
+            if attempt == self.max_retries:
+                break
+            delay = self._backoff(attempt, retry_after)
+            with self._lock:
+                self.counters.retries += 1
+            log.warning(
+                "%s judge: attempt %d/%d failed (%s); retrying in %.2fs",
+                self.name,
+                attempt + 1,
+                self.max_retries + 1,
+                last,
+                delay,
+            )
+            time.sleep(delay)
+        raise JudgeError(
+            f"{self.name} judge: {self.model} at {self.base_url} failed {self.max_retries + 1} times in a "
+            f"row; last error: {last}"
+        )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter (50-100 % of the step), capped; honours Retry-After."""
+        step = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        with self._lock:
+            delay = step * (0.5 + 0.5 * self._rng.random())
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_backoff_s))
+        return delay
+
+    def _redact(self, text: str, limit: int = 300) -> str:
+        key = self._client.api_key
+        if key:
+            text = text.replace(key, "***")
+        return text if len(text) <= limit else text[:limit] + "..."
+
+    # ---------------------------------------------------------------- cache
+
+    def _cache_key(self, kind: str, prompt: str) -> str:
+        settings = {
+            "prompt_version": PROMPT_VERSION,
+            "model": self.model,
+            "reasoning_effort": self.reasoning_effort,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "kind": kind,
+            "system": _SYSTEM,
+            "prompt": prompt,
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def _connect(self) -> sqlite3.Connection:
+        assert self.cache_path is not None
+        return sqlite3.connect(self.cache_path, timeout=60.0)
+
+    def _init_cache(self) -> None:
+        assert self.cache_path is not None
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            with con:
+                con.execute(
+                    "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, verdict INTEGER NOT NULL, "
+                    "kind TEXT NOT NULL, model TEXT NOT NULL, reply TEXT NOT NULL, created REAL NOT NULL)"
+                )
+
+    def _cache_get(self, keys: list[str]) -> dict[str, bool]:
+        if self.cache_path is None:
+            return {}
+        found: dict[str, bool] = {}
+        with closing(self._connect()) as con:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                rows = con.execute(
+                    f"SELECT key, verdict FROM judgments WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                )
+                found.update((k, bool(v)) for k, v in rows)
+        return found
+
+    def _cache_put(self, key: str, kind: str, verdict: bool, reply: str) -> None:
+        if self.cache_path is None:
+            return
+        with closing(self._connect()) as con, con:
+            con.execute(
+                "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?)",
+                (key, int(verdict), kind, self.model, reply, time.time()),
+            )
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a `retry-after-ms` or `retry-after` header, when present and numeric."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return None

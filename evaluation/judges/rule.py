@@ -1,0 +1,416 @@
+"""The offline rule judge: which option, if any, a free-text response commits to.
+
+`commit` reads a response the way a careful grader would, without a model:
+
+1. empty or degenerate (looping) output commits to nothing;
+2. a response that *is* an option (case, whitespace, surrounding punctuation and quotes aside)
+   commits to it;
+3. otherwise the options are searched for as words: each option's words, lemmatised
+   (plurals, a few inflections and synonyms such as anger -> angry, fearful -> fear,
+   woman -> female, "4" -> four) must appear in a row; an option of several content words is
+   also found by most of its *distinctive* words (those no other option has), near each other;
+4. a mention inside the scope of a negation ("not angry, sad or disgusted", "unlike a cat",
+   "rather than a dog") is a rejection, not a commitment;
+5. if exactly one option is mentioned and not rejected, the response commits to it; if several
+   are, an explicit statement decides ("the answer is X", "Answer: X", "it is X", "sounds X"),
+   unless it hedges ("X or Y"); failing that, an option that opens the response ("Dog. ...");
+   otherwise the response commits to nothing.
+
+The judge never abstains: every Judgment has a boolean verdict and says in `reason` how it
+was reached.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from types import MappingProxyType
+from typing import NamedTuple
+
+from datamodules.schema import norm_label
+from evaluation.degeneration import is_degenerate
+from evaluation.exact import normalize
+from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
+
+# Words (with inner apostrophes: "it's", "isn't") and the punctuation that structures a sentence.
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[.!?;:,/]")
+_CLAUSE_END = frozenset(".!?;:")
+_PUNCTUATION = _CLAUSE_END | {",", "/"}
+_ARTICLES = frozenset({"a", "an", "the"})
+# "'s" is dropped from possessives ("dog's" -> "dog") but kept in these contractions.
+_CONTRACTIONS = frozenset(
+    {"it's", "that's", "he's", "she's", "there's", "here's", "what's", "who's", "let's", "where's"}
+)
+# Set phrases that would otherwise read as an option ("I'm afraid" is not fear).
+_IDIOMS = (
+    (re.compile(r"\b(i'm|i am|im)\s+afraid\b"), r"\1 sorry"),
+    (re.compile(r"\bhappy to (help|assist|answer)\b"), r"glad to \1"),
+)
+
+# Inflections and synonyms mapped onto one lemma (applied to options and responses alike).
+_VARIANTS = (
+    ("angry", ("anger", "angered", "angrily", "furious")),
+    ("happy", ("happiness", "happier", "happiest", "joyful", "cheerful")),
+    ("sad", ("sadness", "sadder", "saddest", "saddened", "sorrowful")),
+    ("disgust", ("disgusted", "disgusting", "disgustingly")),
+    ("fear", ("fearful", "fearfully", "feared", "frightened", "scared", "afraid", "terrified")),
+    ("surprise", ("surprised", "surprising")),
+    ("neutral", ("neutrality",)),
+    ("male", ("man", "men", "boy", "gentleman", "gentlemen", "guy", "masculine")),
+    ("female", ("woman", "women", "girl", "lady", "feminine")),
+    ("chinese", ("mandarin",)),
+    ("dog", ("puppy", "puppies")),
+    ("cat", ("kitten", "kitty")),
+    ("pig", ("piglet",)),
+)
+_NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"
+).split()
+_CANON = MappingProxyType(
+    {variant: lemma for lemma, variants in _VARIANTS for variant in variants}
+    | {str(number): word for number, word in enumerate(_NUMBER_WORDS)}
+)
+
+# Words that never make an option distinctive.
+_STOPWORDS = frozenset(
+    "a an the of in on at by for to with from into onto over under and or but is are was were be "
+    "been being am do does did has have had it its it's this that these those there their his her "
+    "he she they them someone something somebody who whom which what when where while some any "
+    "very so as one".split()
+)
+
+# Negation. Verbal negators may be followed by a lead-in before what they negate ("don't think
+# it's a dog"); the others negate what follows at once ("no dog", "unlike a cat", "than a cat").
+_VERBAL_NEGATORS = frozenset(
+    {"not", "never", "cannot", "dont", "doesnt", "isnt", "arent", "wasnt", "didnt", "cant", "couldnt"}
+)
+_NOMINAL_NEGATORS = frozenset(
+    {"no", "neither", "nor", "none", "without", "unlike", "than", "except", "excluding", "non"}
+)
+_LEAD_IN = frozenset(
+    "think believe sure say said a an the that it it's is be really necessarily exactly quite "
+    "definitely likely probably sound sounds seem seems like to of appear appears just at all very "
+    "too hear heard".split()
+)
+# Words that end a negation's scope: a new clause or a contrast begins.
+_SCOPE_END = frozenset(
+    "but however rather instead it it's its this that that's which who is are was were so therefore "
+    "thus hence because since as while whereas more i i'm i'd he she he's she's they they're yes "
+    "actually only".split()
+)
+# Words that may sit inside a negated list without ending it ("not angry, sad or disgusted").
+_CONNECTORS = frozenset({",", "/", "or", "and", "nor", "a", "an", "the", "either", "even"})
+# Beyond mentions and connectors, a negation's scope covers at most this many other words.
+_SCOPE_FREE_WORDS = 2
+
+# Hedges: mentions of different options joined by these words form a list ("dog or cat").
+_LIST_JOINERS = _CONNECTORS | {"maybe", "perhaps", "possibly", "probably"}
+_CONJUNCTIONS = frozenset({"or", "and", "nor", "/"})
+
+# Explicit commitments: an option preceded (fillers aside) by one of these word sequences.
+_MARKERS = (
+    ("is",),
+    ("it's",),
+    ("that's",),
+    ("was",),
+    ("answer",),
+    ("answer", ":"),
+    ("would", "be"),
+    ("should", "be"),
+    ("must", "be"),
+    ("will", "be"),
+    ("to", "be"),
+    ("say",),
+    ("choose",),
+    ("select",),
+    ("pick",),
+    ("sounds",),
+    ("seems",),
+    ("speaks",),
+    ("speaking",),
+)
+_MARKER_FILLERS = frozenset(
+    "a an the probably likely most more definitely clearly certainly surely indeed actually really "
+    "very from of by made produced like just simply quite in".split()
+)
+
+
+class _Pattern(NamedTuple):
+    """How one option is looked for in a response."""
+
+    phrase: tuple[str, ...]  # its lemmas, leading article dropped, to be found in a row
+    distinctive: frozenset[str]  # stems only it has; empty when only `phrase` is used
+    required: int  # how many distinctive stems a mention needs
+
+
+class _Mention(NamedTuple):
+    option: int
+    start: int
+    end: int  # exclusive
+    phrase: bool  # found as a whole phrase (not by distinctive words)
+
+
+def _tokens(text: str) -> list[str]:
+    text = text.casefold().replace("\u2019", "'").replace("\u2018", "'")
+    for pattern, replacement in _IDIOMS:
+        text = pattern.sub(replacement, text)
+    out = []
+    for token in _TOKEN.findall(text):
+        if token.endswith("'s") and token not in _CONTRACTIONS:
+            token = token[:-2]
+        out.append(token)
+    return out
+
+
+def _singular(word: str) -> str:
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes", "ches", "shes")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def _lemma(word: str) -> str:
+    if word in _CANON:
+        return _CANON[word]
+    base = _singular(word)
+    return _CANON.get(base, base)
+
+
+def _stem(lemma: str) -> str:
+    """A crude stem for distinctive-word matching: cheated/cheating -> cheat, loved -> lov."""
+    for suffix in ("ing", "ed", "er"):
+        if lemma.endswith(suffix) and len(lemma) - len(suffix) >= 3:
+            lemma = lemma[: -len(suffix)]
+            if lemma[-1] == lemma[-2] and lemma[-1] not in "aeiouls":
+                lemma = lemma[:-1]
+            break
+    if len(lemma) > 3 and lemma.endswith("e"):
+        lemma = lemma[:-1]
+    return lemma
+
+
+def _patterns(options: Sequence[str]) -> list[_Pattern]:
+    phrases = []
+    for option in options:
+        lemmas = [_lemma(t) for t in _tokens(option) if t not in _PUNCTUATION]
+        while len(lemmas) > 1 and lemmas[0] in _ARTICLES:
+            lemmas.pop(0)
+        phrases.append(tuple(lemmas))
+    content = [{_stem(w) for w in p if w not in _STOPWORDS} for p in phrases]
+    patterns = []
+    for i, phrase in enumerate(phrases):
+        distinctive: frozenset[str] = frozenset()
+        if len(content[i]) >= 2:
+            others = set().union(*(c for j, c in enumerate(content) if j != i))
+            distinctive = frozenset(content[i] - others)
+        k = len(distinctive)
+        patterns.append(_Pattern(phrase, distinctive, k if k <= 2 else math.ceil(2 * k / 3)))
+    return patterns
+
+
+def _mentions(tokens: list[str], patterns: list[_Pattern]) -> list[_Mention]:
+    lemmas = [_lemma(t) for t in tokens]
+    stems = [_stem(w) for w in lemmas]
+    n = len(tokens)
+    found: list[_Mention] = []
+    for o, pat in enumerate(patterns):
+        size = len(pat.phrase)
+        if size:
+            found += [
+                _Mention(o, i, i + size, True)
+                for i in range(n - size + 1)
+                if tuple(lemmas[i : i + size]) == pat.phrase
+            ]
+        if not pat.distinctive:
+            continue
+        window = size + 4
+        p = 0
+        while p < n:
+            if stems[p] not in pat.distinctive:
+                p += 1
+                continue
+            seen, last = set(), p
+            for q in range(p, min(n, p + window)):
+                if tokens[q] in _CLAUSE_END:
+                    break
+                if stems[q] in pat.distinctive:
+                    seen.add(stems[q])
+                    last = q
+            if len(seen) >= pat.required:
+                found.append(_Mention(o, p, last + 1, False))
+                p = last + 1
+            else:
+                p += 1
+    # A mention inside a longer phrase mention of another option is part of that option.
+    return [
+        m
+        for m in found
+        if not any(
+            big.phrase
+            and big.option != m.option
+            and big.start <= m.start
+            and m.end <= big.end
+            and big.end - big.start > m.end - m.start
+            for big in found
+        )
+    ]
+
+
+def _negated(tokens: list[str], in_mention: list[bool]) -> list[bool]:
+    """Which tokens lie in the scope of a negation."""
+    n = len(tokens)
+    negated = [False] * n
+    for i, token in enumerate(tokens):
+        previous = tokens[i - 1] if i else ""
+        verbal = token in _VERBAL_NEGATORS or token.endswith("n't")
+        nominal = (
+            token in _NOMINAL_NEGATORS
+            or (token == "of" and previous == "instead")
+            or (token == "to" and previous == "opposed")
+        )
+        if not (verbal or nominal):
+            continue
+        j = i + 1
+        if verbal:
+            while j < n and tokens[j] in _LEAD_IN and not in_mention[j]:
+                j += 1
+        free = 0
+        while j < n:
+            if not in_mention[j]:
+                if tokens[j] in _CLAUSE_END or tokens[j] in _SCOPE_END:
+                    break
+                if tokens[j] not in _CONNECTORS:
+                    free += 1
+                    if free > _SCOPE_FREE_WORDS:
+                        break
+            negated[j] = True
+            j += 1
+    return negated
+
+
+def _hedged(tokens: list[str], mentions: list[_Mention]) -> set[int]:
+    """Indices of mentions listed together with other options ("dog or cat", "dog, cat, pig")."""
+    order = sorted(range(len(mentions)), key=lambda k: (mentions[k].start, mentions[k].end))
+    hedged: set[int] = set()
+    group = [order[0]] if order else []
+    conjunction = False
+
+    def close() -> None:
+        options = {mentions[k].option for k in group}
+        if len(options) >= 2 and (conjunction or len(group) >= 3):
+            hedged.update(group)
+
+    for k in order[1:]:
+        before, this = mentions[group[-1]], mentions[k]
+        between = tokens[before.end : this.start]
+        if this.start >= before.end and all(t in _LIST_JOINERS for t in between):
+            group.append(k)
+            conjunction = conjunction or any(t in _CONJUNCTIONS for t in between)
+            continue
+        if this.start < before.end:  # overlapping mentions stay in the running group
+            continue
+        close()
+        group, conjunction = [k], False
+    if group:
+        close()
+    return hedged
+
+
+def _explicit(tokens: list[str], start: int) -> bool:
+    """Whether the mention at `start` is stated outright ("the answer is X", "it sounds X")."""
+    j = start - 1
+    while j >= 0 and tokens[j] in _MARKER_FILLERS:
+        j -= 1
+    if j >= 1 and tokens[j - 1] == "there":  # "there is a dog and a cat" states nothing
+        return False
+    return any(j + 1 >= len(m) and tuple(tokens[j + 1 - len(m) : j + 1]) == m for m in _MARKERS)
+
+
+def _choose(tokens: list[str], patterns: list[_Pattern]) -> int | None:
+    mentions = _mentions(tokens, patterns)
+    if not mentions:
+        return None
+    in_mention = [False] * len(tokens)
+    for m in mentions:
+        for j in range(m.start, m.end):
+            in_mention[j] = True
+    negated = _negated(tokens, in_mention)
+    live = [k for k, m in enumerate(mentions) if not negated[m.start]]
+    free = {mentions[k].option for k in live}
+    if len(free) <= 1:
+        return free.pop() if free else None
+    hedged = _hedged(tokens, mentions)
+    sure = [mentions[k] for k in live if k not in hedged]
+    explicit = {m.option for m in sure if _explicit(tokens, m.start)}
+    if len(explicit) == 1:
+        return explicit.pop()
+    first = next((j for j, t in enumerate(tokens) if t not in _PUNCTUATION and t not in _ARTICLES), -1)
+    opening = {m.option for m in sure if m.start == first}
+    return opening.pop() if len(opening) == 1 else None
+
+
+def _commit(response: str, options: Sequence[str]) -> tuple[str | None, str]:
+    """(the option committed to or None, reason: empty, degenerate, committed, no-commitment)."""
+    if not response.strip():
+        return None, "empty"
+    if is_degenerate(response):
+        return None, "degenerate"
+    text = normalize(response)
+    for option in options:
+        if normalize(option) == text:
+            return option, "committed"
+    chosen = _choose(_tokens(response), _patterns(options))
+    if chosen is None:
+        return None, "no-commitment"
+    return options[chosen], "committed"
+
+
+def commit(response: str, options: Sequence[str]) -> str | None:
+    """The option (exactly as written in `options`) that `response` commits to, or None."""
+    return _commit(response, options)[0]
+
+
+class RuleJudge:
+    """Offline judge built on `commit`; it always reaches a verdict."""
+
+    name = "rule"
+
+    def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
+        """Correct when the response commits to the truth (the truth counts as an option)."""
+        out = []
+        for case in cases:
+            options = tuple(case.options)
+            if norm_label(case.truth) not in {norm_label(o) for o in options}:
+                options += (case.truth,)
+            chosen, reason = _commit(case.response, options)
+            verdict = chosen is not None and norm_label(chosen) == norm_label(case.truth)
+            out.append(Judgment(verdict=verdict, reason=reason, committed=chosen))
+        return out
+
+    def consistency(self, cases: Sequence[ConsistencyCase]) -> list[Judgment]:
+        """Consistent when both responses commit to the same option, or neither commits and the
+        texts are equal after normalisation; an empty or degenerate `after` never is."""
+        out = []
+        for case in cases:
+            before, _ = _commit(case.before, case.options)
+            after, how = _commit(case.after, case.options)
+            if how in ("empty", "degenerate"):
+                verdict, reason = False, how
+            elif before is not None and after is not None:
+                verdict = norm_label(before) == norm_label(after)
+                reason = "same-option" if verdict else "different-option"
+            elif before is None and after is None:
+                verdict = normalize(case.before) == normalize(case.after)
+                reason = "same-text" if verdict else "different-text"
+            else:
+                verdict = False
+                reason = "commitment-lost" if after is None else "commitment-gained"
+            out.append(Judgment(verdict=verdict, reason=reason, committed=after))
+        return out

@@ -1,0 +1,107 @@
+"""The unedited model's responses, generated once per model and query and kept on disk.
+
+Every editor is scored against the same pre-edit responses, so they are generated in large
+batches before a sweep and stored in SQLite, keyed by the model's fingerprint (weights and
+prompt rendering) and the query (audio file, question, generation length). Any editor's sweep
+on the same model reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from datamodules.schema import Query
+from lalms.prompt import Prompt
+
+log = logging.getLogger(__name__)
+
+
+def response_key(file: str | None, track: str | None, question: str, max_new_tokens: int) -> str:
+    return hashlib.sha256(json.dumps([file, track, question, max_new_tokens]).encode()).hexdigest()
+
+
+def query_key(q: Query, max_new_tokens: int) -> str:
+    return response_key(q.file, q.track, q.question, max_new_tokens)
+
+
+class ResponseCache:
+    """SQLite table (model, key) -> response. `path=None` keeps it in memory for this run only."""
+
+    def __init__(self, path: str | Path | None, model: str) -> None:
+        self.path, self.model = (str(path) if path else ":memory:"), model
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._memory = sqlite3.connect(":memory:") if not path else None
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS responses "
+                "(model TEXT, key TEXT, response TEXT, PRIMARY KEY (model, key))"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._memory is not None:
+            return self._memory
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def get(self, keys: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        db = self._connect()
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(
+                f"SELECT key, response FROM responses WHERE model = ? AND key IN ({marks})",
+                [self.model, *chunk],
+            )
+            found.update(rows.fetchall())
+        if db is not self._memory:
+            db.close()
+        return found
+
+    def put(self, items: dict[str, str]) -> None:
+        db = self._connect()
+        with db:
+            db.executemany(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?)",
+                [(self.model, k, v) for k, v in items.items()],
+            )
+        if db is not self._memory:
+            db.close()
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+
+
+def pre_edit_responses(
+    queries: Sequence[Query],
+    cache: ResponseCache,
+    generate: Callable[[Sequence[Prompt]], list[str]],
+    prompt: Callable[[Query], Prompt],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, str]:
+    """Responses of the unedited model to `queries` ({query_key: response}); missing ones are
+    generated in batches of `batch_size` and stored as each batch finishes."""
+    by_key = {query_key(q, max_new_tokens): q for q in queries}
+    have = cache.get(list(by_key))
+    todo = [(k, q) for k, q in by_key.items() if k not in have]
+    if todo:
+        log.info("pre-edit responses: %d cached, generating %d", len(have), len(todo))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        answers = generate([prompt(q) for _, q in chunk])
+        new = {k: a for (k, _), a in zip(chunk, answers, strict=True)}
+        cache.put(new)
+        have.update(new)
+        if progress:
+            progress(len(chunk))
+    return have

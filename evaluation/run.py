@@ -1,0 +1,137 @@
+"""One evaluation run: the sweeps an `evaluate.py` config asks for, then metrics and reports.
+
+The run directory holds `run.json` (what was evaluated), `single/results.jsonl`,
+`sequential/results.jsonl`, `metrics.json`, `report.md`, `plots/*.png` and TensorBoard
+events under `tb/`. Re-running the same command continues in the same directory; a directory
+that holds another editor's, model's, data's or judge's results is refused.
+
+With several processes (Lightning Fabric, e.g. `fabric.devices=4 fabric.strategy=ddp`) each
+rank sweeps its share into `results.rank<r>.jsonl`; rank 0 merges them into `results.jsonl`,
+and the metrics are reduced across ranks by torchmetrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric import Fabric
+
+from datamodules.schema import EditInstance
+from evaluation import metrics as M
+from evaluation import report
+from evaluation.records import ResultsLog, instance_id, read_lines, to_json, write_atomic
+
+log = logging.getLogger(__name__)
+
+SWEEPS = ("single", "sequential")
+
+
+class RunMismatch(ValueError):
+    """The run directory already holds results of a different evaluation."""
+
+
+def check_run(out_dir: Path, identity: Mapping[str, Any]) -> None:
+    """Record what this run evaluates; refuse to mix results with an earlier, different run."""
+    path = out_dir / "run.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in identity if k in before and before[k] != identity[k]]
+        if diff:
+            details = "; ".join(f"{k}: {before[k]!r} there, {identity[k]!r} now" for k in diff)
+            raise RunMismatch(
+                f"{out_dir} holds results of a different evaluation ({details}). "
+                f"Pick another run_name=..., or delete that folder to start over."
+            )
+    write_atomic(path, json.dumps(dict(identity), indent=1))
+
+
+def merge_key(mode: str) -> Callable[[Mapping[str, Any]], Any]:
+    return (lambda r: r["id"]) if mode == "single" else (lambda r: (r["sequence"], r["step"]))
+
+
+def merge(folder: Path, mode: str, order: Sequence[Any]) -> list[dict[str, Any]]:
+    """All finished records of a sweep (rank shards and earlier merges), deduplicated and in
+    data order; written to results.jsonl atomically and the shards removed."""
+    key = merge_key(mode)
+    found: dict[Any, dict[str, Any]] = {}
+    shards = sorted(folder.glob("results.rank*.jsonl"))
+    for path in [folder / "results.jsonl", *shards]:
+        for r in read_lines(path)[0]:
+            found.setdefault(key(r), r)
+    rank = {k: i for i, k in enumerate(order)}
+    records = sorted(found.values(), key=lambda r: rank.get(key(r), len(rank)))
+    if shards:
+        write_atomic(folder / "results.jsonl", "".join(to_json(r) + "\n" for r in records))
+        for path in shards:
+            path.unlink()
+    return records
+
+
+def tally(fabric: Fabric, records: Mapping[str, list[dict[str, Any]]], keys: list[str]) -> dict[str, Any]:
+    """The metrics of all records; each rank counts a share, torchmetrics sums across ranks."""
+    metric = M.Tally(keys).to(fabric.device)
+    for mode, update in (("single", M.update_single), ("sequential", M.update_sequential)):
+        for r in records.get(mode, [])[fabric.global_rank :: fabric.world_size]:
+            update(metric, r)
+    return M.summarise(metric.compute())
+
+
+def sweep_order(
+    mode: str, instances: Sequence[EditInstance], sequences: Sequence[Sequence[EditInstance]]
+) -> list[Any]:
+    if mode == "single":
+        return [instance_id(i) for i in instances]
+    return [(s, t) for s, seq in enumerate(sequences) for t in range(len(seq))]
+
+
+def run_sweeps(
+    fabric: Fabric,
+    sweeper: Any,
+    out_dir: Path,
+    sweeps: Sequence[str],
+    instances: Sequence[EditInstance],
+    sequences: Sequence[Sequence[EditInstance]],
+    identity: Mapping[str, Any],
+    first: int = 5,
+    max_gap: int = 5,
+) -> dict[str, Any]:
+    """Run (or resume) the sweeps; returns metrics.json's content (all ranks get it)."""
+    unknown = [s for s in sweeps if s not in SWEEPS]
+    if unknown:
+        raise ValueError(f"sweeps: unknown {unknown}; choose from {list(SWEEPS)}")
+    if fabric.global_rank == 0:
+        check_run(out_dir, identity)
+    fabric.barrier()
+    started = time.perf_counter()
+    shard = "results.jsonl" if fabric.world_size == 1 else f"results.rank{fabric.global_rank}.jsonl"
+    records: dict[str, list[dict[str, Any]]] = {}
+    for mode in sweeps:
+        folder = out_dir / mode
+        order = sweep_order(mode, instances, sequences)
+        if fabric.global_rank == 0 and fabric.world_size > 1:
+            merge(folder, mode, order)  # shards an interrupted run left behind
+        fabric.barrier()
+        merged = read_lines(folder / "results.jsonl")[0] if fabric.world_size > 1 else []
+        results = ResultsLog(folder / shard, done=merged)
+        if mode == "single":
+            sweeper.single(instances, results)
+        else:
+            sweeper.sequential(sequences, results, first, max_gap)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            merge(folder, mode, order)
+        fabric.barrier()
+        records[mode] = read_lines(folder / "results.jsonl")[0]
+    categories = {q.category for i in instances for q in i.portability if q.category}
+    keys = M.all_keys((i.attribute for i in instances), categories)
+    metrics = tally(fabric, records, keys)
+    metrics["run"] = {**identity, "wall_seconds_this_session": round(time.perf_counter() - started, 1)}
+    if fabric.global_rank == 0:
+        write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        report.write(out_dir, metrics)
+    return metrics
