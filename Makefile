@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-run: setup
-	$(BIN)/python evaluate.py dry_run=true
+# The main job: meta-train MEND on the tiny LALM (short schedule, skipped once exported), then
+# the single and sequential sweeps on SAKE-mini's test split; prints the table and the report path.
+QUICKSTART := checkpoints/mend-tiny-sake_mini-quickstart
+run: setup $(QUICKSTART)/editor.safetensors
+	$(BIN)/python evaluate.py ckpt=$(QUICKSTART)
+
+$(QUICKSTART)/editor.safetensors: | $(STAMP)
+	$(BIN)/python train.py editor=mend experiment=quickstart
 
 test: setup
 	$(BIN)/ruff check .

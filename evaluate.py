@@ -9,6 +9,7 @@ python evaluate.py dry_run=true                               # print the plan a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from datamodules.audio_io import AudioResolver  # noqa: E402
-from editors.checkpoint import load_editor, read_info  # noqa: E402
+from editors.checkpoint import WEIGHTS, load_editor, read_info  # noqa: E402
 from evaluation import base, rescore  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
@@ -47,8 +48,9 @@ def plan(cfg: DictConfig) -> str:
 def build_editor(cfg: DictConfig, lalm):
     """(editor, description) from ckpt= (trained editors) or editor=<name> (no training needed)."""
     if cfg.ckpt:
-        info = read_info(cfg.ckpt)
-        return load_editor(cfg.ckpt, lalm), f"{info['editor']} ({Path(cfg.ckpt).name})"
+        info, weights = read_info(cfg.ckpt), Path(cfg.ckpt) / WEIGHTS
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]  # a retrained editor is another run
+        return load_editor(cfg.ckpt, lalm), f"{info['editor']} ({Path(cfg.ckpt).name}, {digest})"
     editor = require(cfg, "editor", "evaluate.py needs an editor (or ckpt=<exported editor>)")
     if "editor" not in editor:
         raise MissingChoiceError(

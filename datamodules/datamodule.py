@@ -9,6 +9,7 @@ parsed and their audio decoded lazily in the DataLoader workers. Batches are lis
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -167,11 +168,14 @@ class SakeDataModule(L.LightningDataModule):
         )
 
     def test_instances(self) -> list[EditInstance]:
-        """The single-editing test split (the first `max_instances` when set)."""
+        """The single-editing test split, attributes taken in turn (gender, emotion, language,
+        animal, gender, ...), so that the first `max_instances` cover every attribute."""
         test = SakeData.load(self.root).test
         if not test:
             raise FileNotFoundError(f"{data_root(self.root)}/{TEST_DIR}: no single-editing test files")
-        return test[: self.max_instances]
+        groups = [[i for i in test if i.attribute == a] for a in ATTRIBUTES]
+        turns = [i for row in itertools.zip_longest(*groups) for i in row if i is not None]
+        return turns[: self.max_instances]
 
     def test_sequences(self) -> list[list[EditInstance]]:
         """The sequential-editing sequences; with `max_instances`, their first N edits in order."""

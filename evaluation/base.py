@@ -22,9 +22,8 @@ from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance, Query, attribute_of, parse_options
 from evaluation.judges import CorrectnessCase, Judge
 from evaluation.judges.rule import RuleJudge
-from evaluation.progress import progress_bar
 from evaluation.records import write_atomic
-from evaluation.responses import ResponseCache, response_key
+from evaluation.responses import ResponseCache, pre_edit_responses, query_key
 from lalms.base import LALM
 from lalms.prompt import Prompt
 
@@ -86,32 +85,26 @@ def base_accuracy(
     todo = probes(items, world)
     judge = judge or RuleJudge()
     cache = cache or ResponseCache(None, lalm.fingerprint())
-    keys = [response_key(p.file, p.track, p.question, max_new_tokens) for p in todo]
-    have = cache.get(keys)
-    missing = [(k, p) for k, p in zip(keys, todo, strict=True) if k not in have]
+    queries = [Query(p.kinds[0], p.question, p.truth, (), p.file, p.track) for p in todo]
     audio: dict[tuple[str, str | None], np.ndarray] = {}
 
-    def prompt(p: Probe) -> Prompt:
-        if p.file is None:
-            return Prompt(p.question)
-        key = (p.file, p.track)
+    def prompt(q: Query) -> Prompt:
+        if q.file is None:
+            return Prompt(q.question)
+        key = (q.file, q.track)
         if key not in audio:
-            audio[key] = resolver.load(p.file, p.track, lalm.sampling_rate)
-        return Prompt(p.question, audio=audio[key])
+            audio[key] = resolver.load(q.file, q.track, lalm.sampling_rate)
+        return Prompt(q.question, audio=audio[key])
 
-    with progress_bar(f"unedited answers ({len(todo)} distinct queries)", len(missing), "queries") as advance:
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            new = dict(
-                zip(
-                    [k for k, _ in chunk],
-                    lalm.generate([prompt(p) for _, p in chunk], max_new_tokens),
-                    strict=True,
-                )
-            )
-            cache.put(new)
-            have.update(new)
-            advance(len(chunk))
+    have = pre_edit_responses(
+        queries,
+        cache,
+        lambda prompts: lalm.generate(prompts, max_new_tokens),
+        prompt,
+        max_new_tokens,
+        batch_size,
+    )
+    keys = [query_key(q, max_new_tokens) for q in queries]
     cases = [
         CorrectnessCase(p.question, parse_options(p.question), p.truth, have[k])
         for k, p in zip(keys, todo, strict=True)

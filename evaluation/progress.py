@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -17,6 +19,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+log = logging.getLogger(__name__)
+
 
 class _Rate(ProgressColumn):
     def __init__(self, unit: str) -> None:
@@ -31,9 +35,41 @@ class _Rate(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(description: str, total: int, unit: str = "edits") -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with the rate and an ETA; yields `advance(n)`."""
+def progress_bar(
+    description: str, total: int, unit: str = "edits", log_every_s: float = 30.0
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar with the rate and an ETA; yields `advance(n)`.
+
+    Where the output is no terminal (a cluster job's log file, CI), the bar would stay silent,
+    so the same figures go to the log instead, every `log_every_s` seconds and at the end."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit))
     with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        state = {"logged": time.monotonic(), "done": 0}
+        start = state["logged"]
+
+        def report() -> None:
+            done, elapsed = state["done"], time.monotonic() - start
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            log.info(
+                "%s: %d/%d, %.2f %s/s, elapsed %.0f s, ETA %.0f s",
+                description,
+                done,
+                total,
+                rate,
+                unit,
+                elapsed,
+                eta,
+            )
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+            state["done"] += n
+            if not bar.console.is_terminal and time.monotonic() - state["logged"] >= log_every_s:
+                state["logged"] = time.monotonic()
+                report()
+
+        yield advance
+        if not bar.console.is_terminal:
+            report()

@@ -16,17 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from datamodules.schema import Query
+from evaluation.progress import progress_bar
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 
 
-def response_key(file: str | None, track: str | None, question: str, max_new_tokens: int) -> str:
-    return hashlib.sha256(json.dumps([file, track, question, max_new_tokens]).encode()).hexdigest()
-
-
 def query_key(q: Query, max_new_tokens: int) -> str:
-    return response_key(q.file, q.track, q.question, max_new_tokens)
+    return hashlib.sha256(json.dumps([q.file, q.track, q.question, max_new_tokens]).encode()).hexdigest()
 
 
 class ResponseCache:
@@ -87,21 +84,21 @@ def pre_edit_responses(
     prompt: Callable[[Query], Prompt],
     max_new_tokens: int,
     batch_size: int,
-    progress: Callable[[int], None] | None = None,
 ) -> dict[str, str]:
     """Responses of the unedited model to `queries` ({query_key: response}); missing ones are
     generated in batches of `batch_size` and stored as each batch finishes."""
     by_key = {query_key(q, max_new_tokens): q for q in queries}
     have = cache.get(list(by_key))
     todo = [(k, q) for k, q in by_key.items() if k not in have]
-    if todo:
-        log.info("pre-edit responses: %d cached, generating %d", len(have), len(todo))
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        answers = generate([prompt(q) for _, q in chunk])
-        new = {k: a for (k, _), a in zip(chunk, answers, strict=True)}
-        cache.put(new)
-        have.update(new)
-        if progress:
-            progress(len(chunk))
+    if not todo:
+        return have
+    log.info("pre-edit responses: %d cached, generating %d", len(have), len(todo))
+    with progress_bar("pre-edit answers", len(todo), "queries") as advance:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            answers = generate([prompt(q) for _, q in chunk])
+            new = {k: a for (k, _), a in zip(chunk, answers, strict=True)}
+            cache.put(new)
+            have.update(new)
+            advance(len(chunk))
     return have

@@ -82,21 +82,18 @@ class Sweeper:
     def prepare(self, instances: Sequence[EditInstance]) -> None:
         """Make sure the unedited model's answers to every query of `instances` are at hand."""
         queries = [q for inst in instances for q in inst.queries()]
-        missing = len({query_key(q, self.max_new_tokens) for q in queries} - set(self._pre))
-        if not missing:
+        if all(query_key(q, self.max_new_tokens) in self._pre for q in queries):
             return
-        with progress_bar("pre-edit answers", missing, "queries") as advance:
-            self._pre.update(
-                pre_edit_responses(
-                    queries,
-                    self.responses,
-                    lambda prompts: self.lalm.generate(prompts, self.max_new_tokens),
-                    self.prompt,
-                    self.max_new_tokens,
-                    self.batch_size,
-                    advance,
-                )
+        self._pre.update(
+            pre_edit_responses(
+                queries,
+                self.responses,
+                lambda prompts: self.lalm.generate(prompts, self.max_new_tokens),
+                self.prompt,
+                self.max_new_tokens,
+                self.batch_size,
             )
+        )
 
     def pre(self, q: Query) -> str:
         return self._pre[query_key(q, self.max_new_tokens)]

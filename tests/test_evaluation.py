@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from lightning.fabric import Fabric
 
 from datamodules import AudioResolver, SakeData
+from editors.checkpoint import save_editor
 from editors.hypernet import HypernetEditor
 from editors.mend import MEND
 from evaluation import metrics as M
@@ -219,3 +223,49 @@ def test_run_writes_reports_and_refuses_to_mix_runs(shipped, mini_dir, tmp_path)
         run_sweeps(
             fabric, sweeper(shipped, Recorder(), mini_dir), tmp_path, *args, identity | {"editor": "other"}
         )
+
+
+def evaluate_cli(*args, cwd=ROOT):
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "evaluate.py", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(shipped, tmp_path_factory):
+    """An (untrained) MEND exported like train.py does."""
+    cfg = {"_target_": "editors.mend.MEND", "rank": 16, "edit_lr": 5.0}
+    return save_editor(
+        MEND(shipped, rank=16, edit_lr=5.0), cfg, tmp_path_factory.mktemp("ed") / "mend", "mend"
+    )
+
+
+def test_two_processes_give_the_metrics_of_one(exported, mini_dir, tmp_path):
+    """DDP over CPU processes: instances and sequences dealt to ranks, results merged, the
+    torchmetrics tallies reduced; the numbers equal a single-process run's."""
+    common = [
+        f"ckpt={exported}", f"data.root={mini_dir}", "data.build_mini=false", "data.max_instances=6",
+        f"response_cache={tmp_path / 'cache.sqlite'}", "max_new_tokens=8",
+    ]  # fmt: skip
+    evaluate_cli(*common, f"hydra.run.dir={tmp_path / 'one'}")
+    evaluate_cli(*common, "fabric.devices=2", "fabric.strategy=ddp", f"hydra.run.dir={tmp_path / 'two'}")
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    for key in ("overall", "by_attribute", "by_type", "sequential", "counts", "degenerate"):
+        assert one[key] == two[key], key
+    assert one["counts"]["single"]["reliability"] == 6
+    merged = read_lines(tmp_path / "two" / "single" / "results.jsonl")[0]
+    assert [r["id"] for r in merged] == [
+        r["id"] for r in read_lines(tmp_path / "one" / "single" / "results.jsonl")[0]
+    ]
+    assert not list((tmp_path / "two").glob("*/results.rank*.jsonl"))
+
+
+def test_editor_none_reports_the_unedited_models_accuracy(mini_dir, tmp_path):
+    cache = f"response_cache={tmp_path / 'c.sqlite'}"
+    data = (f"data.root={mini_dir}", "data.build_mini=false")
+    evaluate_cli("editor=none", *data, cache, f"hydra.run.dir={tmp_path}")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["base"]["attribute/gender"]["accuracy"] >= 75 and m["base"]["text_qa"]["n"] > 0

@@ -1,0 +1,86 @@
+"""Single-editing sweep speed: the batched evaluation against a naive one-query-at-a-time loop.
+
+Batched (what evaluate.py does): the unedited model's answers to all queries generated in large
+batches once, then per instance one edit, one batched generation of all its queries, one undo.
+Naive: per instance, each query's pre-edit answer generated alone, the edit, each query's
+post-edit answer generated alone, the undo. Both use the same editor, model and instances:
+
+    python benchmarks/evaluate_sweep.py                                   # untrained MEND, tiny model
+    python benchmarks/evaluate_sweep.py ckpt=checkpoints/mend-tiny-sake_mini +instances=40
+
+Judging is left out of both (it is the same work). Prints one summary line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT))
+
+from datamodules.audio_io import AudioResolver  # noqa: E402
+from editors.checkpoint import load_editor  # noqa: E402
+from editors.hypernet import HypernetEditor  # noqa: E402
+from editors.mend import MEND  # noqa: E402
+from evaluation.judges.rule import RuleJudge  # noqa: E402
+from evaluation.responses import ResponseCache  # noqa: E402
+from evaluation.sweep import Sweeper  # noqa: E402
+from lit_modules.hydra_utils import register_resolvers  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    n = int(cfg.get("instances", 24))
+    lalm = instantiate(cfg.model)
+    editor = load_editor(cfg.ckpt, lalm) if cfg.ckpt else HypernetEditor(MEND(lalm))
+    data = instantiate(cfg.data)
+    data.prepare_data()
+    items = data.test_instances()[:n]
+    resolver = AudioResolver(data.audio_root)
+
+    def sweeper(batch_size: int) -> Sweeper:
+        cache = ResponseCache(None, lalm.fingerprint())  # in memory: nothing carried over between runs
+        return Sweeper(lalm, editor, RuleJudge(), resolver, cache, cfg.max_new_tokens, batch_size)
+
+    for inst in items[:2]:  # warm up (first-call allocations, audio decoding paths)
+        sweeper(64).prompt(inst.reliability)
+
+    batched = sweeper(cfg.batch_size)
+    start = time.perf_counter()
+    batched.prepare(items)
+    for inst in items:
+        queries = list(inst.queries())
+        handle = batched.apply(inst)
+        batched.generate([batched.prompt(q) for q in queries])
+        handle.undo()
+    t_batched = time.perf_counter() - start
+
+    naive = sweeper(1)
+    start = time.perf_counter()
+    for inst in items:
+        queries = list(inst.queries())
+        [naive.generate([naive.prompt(q)]) for q in queries]
+        handle = naive.apply(inst)
+        [naive.generate([naive.prompt(q)]) for q in queries]
+        handle.undo()
+    t_naive = time.perf_counter() - start
+
+    queries = sum(len(list(i.queries())) for i in items)
+    print(
+        f"{len(items)} instances ({queries} queries, {lalm.name} on {lalm.device}): "
+        f"batched {t_batched / len(items):.3f} s/instance, naive {t_naive / len(items):.3f} s/instance, "
+        f"speed-up {t_naive / t_batched:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()
