@@ -65,9 +65,9 @@ def build_editor(cfg: DictConfig, lalm):
 def main(cfg: DictConfig) -> None:
     log_config(cfg)
     log.info("plan: %s", plan(cfg))
-    out_dir, judge = Path(cfg.paths.output_dir), instantiate(cfg.judge)
     if cfg.dry_run:
         return
+    out_dir, judge = Path(cfg.paths.output_dir), instantiate(cfg.judge)
     if cfg.mode == "rescore":
         rescore.run(require(cfg, "results", "mode=rescore re-judges a results file"), judge, out_dir)
         return

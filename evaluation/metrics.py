@@ -128,12 +128,8 @@ def summarise(values: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
         "single": int(values["degenerate/single"][0]),
         "sequential": {str(g): int(values[f"degenerate/sequential/{g}"][0]) for g in GAPS},
     }
-    out["seconds_per_edit"] = {
-        m: (
-            round(values[f"seconds/{m}"][0] / values[f"seconds/{m}"][1], 4)
-            if values[f"seconds/{m}"][1]
-            else None
-        )
-        for m in ("single", "sequential")
-    }
+    seconds = {m: values[f"seconds/{m}"] for m in ("single", "sequential")}
+    out["seconds_per_edit"] = {m: round(t / n, 4) if n else None for m, (t, n) in seconds.items()}
+    out["seconds_total"] = {m: round(t, 1) for m, (t, _) in seconds.items()}
+    counts["instances"] = {m: n for m, (_, n) in seconds.items()}  # single: instances, sequential: steps
     return out

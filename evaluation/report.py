@@ -55,7 +55,7 @@ def markdown(m: Mapping[str, Any]) -> str:
             ["Metric", *(f"gap {g}" for g in gaps)],
             [[HEADERS[k], *(_pct(m["sequential"][k].get(g)) for g in gaps)] for k in METRICS],
         )
-    deg, inv, sec = m["degenerate"], m["invalid_judgments"], m["seconds_per_edit"]
+    deg, inv, sec, total = m["degenerate"], m["invalid_judgments"], m["seconds_per_edit"], m["seconds_total"]
     lines += ["", "## Degenerate outputs and judge failures", ""]
     seq_deg = ", ".join(f"gap {g}: {n}" for g, n in deg["sequential"].items())
     lines += [
@@ -66,7 +66,10 @@ def markdown(m: Mapping[str, Any]) -> str:
         "",
         f"- seconds per edit (apply, answer all queries, undo): single {_pct(sec['single'])}, "
         f"sequential step {_pct(sec['sequential'])}",
-        f"- wall time of this session: {run.get('wall_seconds_this_session', '?')} s",
+        f"- editing time in total (all sessions): single {total['single']} s, "
+        f"sequential {total['sequential']} s",
+        f"- wall time of this session (pre-edit answers and judging included): "
+        f"{run.get('wall_seconds_this_session', '?')} s",
     ]
     return "\n".join(lines) + "\n"
 

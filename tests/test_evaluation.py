@@ -75,6 +75,9 @@ def test_a_full_single_sweep_restores_every_parameter_bitwise(shipped, mini, min
     assert changed > 0, "the edits should change some answers, or this test checks nothing"
     after = shipped.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # and after a sequence of cumulative edits
+    sweeper(shipped, editor, mini_dir).sequential([mini.sequences[0][:3]], ResultsLog(tmp_path / "seq.jsonl"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_killed_single_sweep_resumes_to_the_same_results(shipped, mini, mini_dir, tmp_path):
