@@ -23,7 +23,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import WEIGHTS, load_editor, read_info  # noqa: E402
-from evaluation import base, rescore  # noqa: E402
+from evaluation import base, report, rescore  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
 from evaluation.sweep import Sweeper  # noqa: E402
@@ -94,9 +94,7 @@ def main(cfg: DictConfig) -> None:
     sweeps = (cfg.sweeps, data.test_instances(), data.test_sequences() if "sequential" in cfg.sweeps else [])
     metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, **cfg.sequential)
     if fabric.global_rank == 0:
-        log.info(
-            "\n%s\nreport: %s", (out_dir / "report.md").read_text(encoding="utf-8"), out_dir / "report.md"
-        )
+        log.info("\n%s\nfull report: %s", report.summary(metrics), out_dir / "report.md")
     return metrics
 
 

@@ -30,6 +30,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [f"| {' | '.join(header)} |", f"| {' | '.join(align)} |", *(f"| {' | '.join(r)} |" for r in rows)]
 
 
+def _sequential(m: Mapping[str, Any]) -> list[str]:
+    gaps = sorted({g for v in m["sequential"].values() for g in v}, key=int)
+    return [
+        "## Sequential editing (score of an edit `gap` edits after it was applied)",
+        "",
+        *_table(
+            ["Metric", *(f"gap {g}" for g in gaps)],
+            [[HEADERS[k], *(_pct(m["sequential"][k].get(g)) for g in gaps)] for k in METRICS],
+        ),
+    ]
+
+
+def summary(m: Mapping[str, Any]) -> str:
+    """The headline: the Table 2 row of this run and, if run, the sequential table."""
+    editor = m.get("run", {}).get("editor", "?")
+    lines = _table(["Editor", *HEADERS.values()], [[editor, *(_pct(m["overall"].get(k)) for k in METRICS)]])
+    if m.get("sequential"):
+        lines += ["", *_sequential(m)]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(m: Mapping[str, Any]) -> str:
     run = m.get("run", {})
     editor, model = run.get("editor", "?"), run.get("model", "?")
@@ -49,13 +70,13 @@ def markdown(m: Mapping[str, Any]) -> str:
             lines += ["", "### Portability per knowledge category", ""]
             lines += _table(["Category", "Portability"], [[k, _pct(v)] for k, v in m["by_category"].items()])
     if m.get("sequential"):
-        gaps = sorted({g for v in m["sequential"].values() for g in v}, key=int)
-        lines += ["", "## Sequential editing (score of an edit `gap` edits after it was applied)", ""]
-        lines += _table(
-            ["Metric", *(f"gap {g}" for g in gaps)],
-            [[HEADERS[k], *(_pct(m["sequential"][k].get(g)) for g in gaps)] for k in METRICS],
-        )
-    deg, inv, sec, total = m["degenerate"], m["invalid_judgments"], m["seconds_per_edit"], m["seconds_total"]
+        lines += ["", *_sequential(m)]
+    deg, inv, sec, total = (
+        m["degenerate"],
+        m["invalid_judgments"],
+        m["seconds_per_edit"],
+        m.get("seconds_total", {}),
+    )
     lines += ["", "## Degenerate outputs and judge failures", ""]
     seq_deg = ", ".join(f"gap {g}: {n}" for g, n in deg["sequential"].items())
     lines += [
@@ -66,8 +87,8 @@ def markdown(m: Mapping[str, Any]) -> str:
         "",
         f"- seconds per edit (apply, answer all queries, undo): single {_pct(sec['single'])}, "
         f"sequential step {_pct(sec['sequential'])}",
-        f"- editing time in total (all sessions): single {total['single']} s, "
-        f"sequential {total['sequential']} s",
+        f"- editing time in total (all sessions): single {total.get('single', '?')} s, "
+        f"sequential {total.get('sequential', '?')} s",
         f"- wall time of this session (pre-edit answers and judging included): "
         f"{run.get('wall_seconds_this_session', '?')} s",
     ]
