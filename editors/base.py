@@ -7,7 +7,7 @@ applies several requests and undoes the handles in reverse order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -69,3 +69,34 @@ class WeightSnapshot:
         for name, p in self._params.items():
             p.copy_(self._saved[name])
         self._done = True
+
+
+class ContextEdit:
+    """The handle of an editor that edits through the prompt (in-context editing).
+
+    The model is untouched; `rewrite` puts the edit into every prompt the edited model is asked
+    (the sweeps pass each prompt through the rewrites of all edits applied, oldest first), and
+    `undo` ends that.
+    """
+
+    def __init__(self, rewrite: Callable[[Prompt], Prompt]) -> None:
+        self._rewrite = rewrite
+        self._done = False
+
+    def rewrite(self, prompt: Prompt) -> Prompt:
+        if self._done:
+            raise RuntimeError("this edit was undone")
+        return self._rewrite(prompt)
+
+    def undo(self) -> None:
+        if self._done:
+            raise RuntimeError("this edit was already undone")
+        self._done = True
+
+
+def in_context(handles: Iterable[EditHandle], prompt: Prompt) -> Prompt:
+    """`prompt` as the model edited by `handles` is asked it (only context edits change it)."""
+    for handle in handles:
+        if isinstance(handle, ContextEdit):
+            prompt = handle.rewrite(prompt)
+    return prompt

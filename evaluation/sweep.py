@@ -1,6 +1,7 @@
 """Single and sequential editing sweeps.
 
-Single editing, per test instance: apply the edit, answer all of the instance's queries in one
+Single editing, per test instance: apply the edit (in the weights, through hooks, or as prompt
+context that every query is then asked in), answer all of the instance's queries in one
 batched generation, undo the edit exactly, judge, append the instance's line, next.
 Sequential editing, per sequence: apply the edits cumulatively; after applying edit t, answer
 the queries of every edit i <= t among the first `first` of the sequence with gap t - i <=
@@ -24,7 +25,7 @@ import numpy as np
 
 from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance, Query
-from editors.base import EditHandle, Editor, EditRequest
+from editors.base import EditHandle, Editor, EditRequest, in_context
 from evaluation.degeneration import is_degenerate
 from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge
 from evaluation.progress import progress_bar
@@ -135,7 +136,7 @@ class Sweeper:
                 start = time.perf_counter()
                 handle = self.apply(inst)
                 try:
-                    posts = self.generate([self.prompt(q) for q in queries])
+                    posts = self.generate([in_context([handle], self.prompt(q)) for q in queries])
                 finally:
                     handle.undo()
                 seconds = time.perf_counter() - start
@@ -189,7 +190,9 @@ class Sweeper:
                     continue
                 evaluated = [i for i in range(min(first, t + 1)) if t - i <= max_gap]
                 queries = [list(seq[i].queries()) for i in evaluated]
-                posts = iter(self.generate([self.prompt(q) for qs in queries for q in qs]))
+                posts = iter(
+                    self.generate([in_context(handles, self.prompt(q)) for qs in queries for q in qs])
+                )
                 seconds = time.perf_counter() - start
                 evals = [
                     {

@@ -1,0 +1,142 @@
+"""SAKE's baselines that need no training: FT(LLM), FT(Audio), I-IKE, IE-IKE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import AudioResolver, SakeData
+from editors.base import ContextEdit, EditRequest, in_context
+from editors.finetune import FineTune
+from editors.ie_ike import DemonstrationIKE
+from editors.ike import InstructionIKE
+from evaluation.judges.rule import RuleJudge
+from evaluation.records import ResultsLog
+from evaluation.responses import ResponseCache
+from evaluation.sweep import Sweeper, request
+from lalms import Qwen2Audio
+from lalms.prompt import Prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Qwen2Audio.load(str(ROOT / "checkpoints" / "tiny-lalm"))
+
+
+@pytest.fixture(scope="module")
+def mini(mini_dir):
+    return SakeData.load(mini_dir)
+
+
+def sweeper(lalm, editor, mini_dir) -> Sweeper:
+    cache = ResponseCache(None, lalm.fingerprint())
+    return Sweeper(lalm, editor, RuleJudge(), AudioResolver(Path(mini_dir) / "audio"), cache, 8, 64)
+
+
+@pytest.mark.parametrize(("site", "lr"), [("llm.layers.-1", 1e-3), ("connector", 1e-2)])
+def test_fine_tuning_edits_then_restores_every_parameter_bitwise(shipped, mini, mini_dir, tmp_path, site, lr):
+    editor = FineTune(shipped, site=site, lr=lr, max_steps=15)
+    prefix = shipped.edit_sites.resolve(site) + "."
+    assert editor.param_names and all(n.startswith(prefix) for n in editor.param_names)
+    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
+    items = mini.test[:4]
+    log = ResultsLog(tmp_path / "single.jsonl")
+    sw = sweeper(shipped, editor, mini_dir)
+    sw.single(items, log)
+    sw.sequential([mini.sequences[0][:3]], ResultsLog(tmp_path / "seq.jsonl"))
+    after = shipped.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(0 <= s <= 15 for s in editor.steps_taken) and len(editor.steps_taken) == 4 + 3
+    if site == "llm.layers.-1":  # the last layer fits each edit well within 15 steps
+        reliability = [q["verdict"] for r in log for q in r["queries"] if q["kind"] == "reliability"]
+        assert sum(reliability) >= 3
+
+
+def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped, mini, mini_dir):
+    inst = mini.test[0]
+    sw = sweeper(shipped, None, mini_dir)
+    req = request(inst, sw.prompt(inst.reliability))
+    editor = FineTune(shipped, lr=1e-3, max_steps=15, stop_loss=1e9)  # any loss is low enough
+    editor.apply(req).undo()
+    assert editor.steps_taken == [0]
+    editor = FineTune(shipped, lr=1e-3, max_steps=15, stop_loss=0.0)  # never low enough
+    handle = editor.apply(req)
+    assert editor.steps_taken == [15]
+    with torch.no_grad():
+        assert float(shipped.loss([req.prompt], [req.target])) < 0.5  # it learned the target
+    handle.undo()
+
+
+def test_fine_tuning_rejects_a_bad_site(shipped):
+    with pytest.raises(KeyError, match="must start with llm.layers"):
+        FineTune(shipped, site="decoder.layers.0")
+
+
+def req(attribute="emotion", original="sad", target="happy", question="How does the speaker feel?"):
+    return EditRequest(prompt=Prompt(question), target=target, original=original, attribute=attribute)
+
+
+def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped):
+    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
+    editor = InstructionIKE(shipped)
+    first = editor.apply(req())
+    second = editor.apply(req("animal", "frog", "dog"))
+    assert isinstance(first, ContextEdit)
+    p = in_context([first, second], Prompt("Which animal?"))
+    assert p.system.startswith("You are a helpful assistant.\n")
+    assert p.system.index("perceived as sad") < p.system.index("perceived as frog")
+    assert "from now on be perceived as happy" in p.system and "speakers' emotions" in p.system
+    assert in_context([first], Prompt("q", system="Be brief.")).system.startswith("Be brief.\n")
+    assert "from now on" in shipped.render(p)
+    first.undo()
+    with pytest.raises(RuntimeError, match="undone"):
+        first.rewrite(Prompt("q"))
+    second.undo()
+    assert all(torch.equal(before[k], v) for k, v in shipped.model.state_dict().items())
+    with pytest.raises(ValueError, match="no wording for attribute .timbre."):
+        editor.apply(req("timbre"))
+
+
+def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped, mini, mini_dir):
+    editor = DemonstrationIKE(shipped, str(mini_dir), max_history=None)
+    for inst in (next(i for i in mini.test if i.attribute == "gender"), mini.test[-1]):
+        r = request(inst, Prompt(inst.reliability.question))
+        demos = editor.demonstrations(r)
+        n_audio_loc = 3 if inst.attribute == "gender" else 4
+        assert len(demos) == 1 + 3 + n_audio_loc + 1
+        assert [t.answer for t in demos[:4]] == [inst.target] * 4
+        assert all(t.audio is not None for t in demos[:-1]) and demos[-1].audio is None  # text QA last
+        source = editor.source(r)
+        assert (source.original.casefold(), source.target.casefold()) == (
+            inst.original.casefold(),
+            inst.target.casefold(),
+        ) or source.original.casefold() == inst.original.casefold()
+        p = in_context([editor.apply(r)], Prompt("q"))
+        assert p.history == demos and "from now on" in p.system
+        assert shipped.generate([p], 4)  # the dialogue fits the model and generates
+
+
+def test_demonstration_history_keeps_the_most_recent_turns(shipped, mini, mini_dir):
+    editor = DemonstrationIKE(shipped, str(mini_dir), max_history=10)
+    a, b = (request(i, Prompt(i.reliability.question)) for i in (mini.test[0], mini.test[-1]))
+    p = in_context([editor.apply(a), editor.apply(b)], Prompt("q"))
+    assert len(p.history) == 10 and p.history[-1] == editor.demonstrations(b)[-1]
+
+
+def test_the_sweep_asks_every_query_in_the_edit_context(shipped, mini, mini_dir, tmp_path):
+    sw = sweeper(shipped, InstructionIKE(shipped), mini_dir)
+    asked: list[Prompt] = []
+    generate = sw.generate
+    sw.prepare(mini.test[:1])  # pre-edit answers: asked without the edit
+
+    def spy(prompts):
+        asked.extend(prompts)
+        return generate(prompts)
+
+    sw.generate = spy
+    sw.single(mini.test[:1], ResultsLog(tmp_path / "r.jsonl"))
+    assert asked and all("from now on" in (p.system or "") for p in asked)
