@@ -32,6 +32,7 @@ class FineTune:
         if not self.param_names:
             raise ValueError(f"edit site {site!r} ({path}) has no parameters to fine-tune")
         self.steps_taken: list[int] = []  # per applied edit, for reports and tests
+        lalm.model.requires_grad_(False)  # only the editor's own copies are trained
 
     def apply(self, request: EditRequest) -> WeightSnapshot:
         model = self.lalm.model

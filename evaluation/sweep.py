@@ -58,6 +58,9 @@ class Sweeper:
     audio_cache_size: int = 512
 
     def __post_init__(self) -> None:
+        # Editors train their own copies (fine-tuned tensors, side memories, hypernetwork
+        # outputs); gradients for the base weights would only cost time and memory.
+        self.lalm.model.requires_grad_(False)
         self._audio: OrderedDict[tuple[str, str | None], np.ndarray] = OrderedDict()
         self._pre: dict[str, str] = {}
 
