@@ -12,6 +12,7 @@ from editors.base import ContextEdit, EditRequest, in_context
 from editors.finetune import FineTune
 from editors.ie_ike import DemonstrationIKE
 from editors.ike import InstructionIKE
+from editors.wise import WISE
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import ResultsLog
 from evaluation.responses import ResponseCache
@@ -140,3 +141,42 @@ def test_the_sweep_asks_every_query_in_the_edit_context(shipped, mini, mini_dir,
     sw.generate = spy
     sw.single(mini.test[:1], ResultsLog(tmp_path / "r.jsonl"))
     assert asked and all("from now on" in (p.system or "") for p in asked)
+
+
+@pytest.fixture(scope="module")
+def wise(shipped, mini_dir):
+    return WISE(shipped, -2, str(mini_dir), n_text=4, n_audio=4, lr=0.1, steps=40)
+
+
+def test_wise_routes_each_sample_of_a_mixed_batch_on_its_own(shipped, mini, mini_dir, wise):
+    inst = next(i for i in mini.test if i.attribute == "animal")
+    sw = sweeper(shipped, wise, mini_dir)
+    edit_prompt = sw.prompt(inst.reliability)
+    text_q = next(q for q in inst.text_locality)
+    other = next(i for i in mini.test if i.attribute == "emotion")
+    batch = [Prompt("What is two plus three?"), edit_prompt, sw.prompt(other.reliability), sw.prompt(text_q)]
+    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
+    unedited = shipped.generate(batch, 8)
+    handle = wise.apply(request(inst, edit_prompt))
+    assert wise.in_scope and wise.threshold == pytest.approx(0.88 * wise.in_scope[0])
+    assert wise.routed(batch).tolist() == [False, True, False, False]
+    edited = shipped.generate(batch, 8)
+    assert edited[1] == inst.target and unedited[1] != inst.target
+    assert [edited[i] for i in (0, 2, 3)] == [unedited[i] for i in (0, 2, 3)]  # main memory, unchanged
+    # alone or in a batch, a sample gets the same answer (the decision is per sample)
+    assert shipped.generate([batch[1]], 8) == [edited[1]] and shipped.generate([batch[2]], 8) == [edited[2]]
+    handle.undo()
+    assert shipped.generate(batch, 8) == unedited and not wise._hooks
+    assert all(torch.equal(before[k], v) for k, v in shipped.model.state_dict().items())
+
+
+def test_wise_sequential_edits_undo_exactly(shipped, mini, mini_dir, wise):
+    sw = sweeper(shipped, wise, mini_dir)
+    side0 = wise.side.clone()
+    handles = [wise.apply(request(i, sw.prompt(i.reliability))) for i in mini.sequences[0][:3]]
+    assert len(wise.in_scope) == 3 and not torch.equal(wise.side, side0)
+    for h in reversed(handles):
+        h.undo()
+    assert torch.equal(wise.side, side0) and wise.in_scope == [] and not wise._hooks
+    with pytest.raises(RuntimeError, match="already undone"):
+        handles[0].undo()
