@@ -25,14 +25,12 @@ routing hook when no edit is left.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from datamodules.audio_io import AudioResolver
-from datamodules.loader import SakeData
 from editors.base import EditRequest
+from editors.preservation import preservation_prompts
 from lalms.base import LALM, answer_nll
 from lalms.prompt import Prompt
 
@@ -76,38 +74,15 @@ class WISE:
         self.module = lalm.model.get_submodule(self.path)
         self.side = self.module.weight.detach().clone()
         self.in_scope: list[float] = []  # in-scope distances of the applied edits, in order
-        self.preservation = self._preservation_prompts(preservation_root, audio_root, n_text, n_audio)
+        self.preservation = preservation_prompts(
+            preservation_root, audio_root, n_text, n_audio, lalm.sampling_rate
+        )
         self._out_x: tuple[torch.Tensor, torch.Tensor] | None = None  # preservation activations, mask
         self._mask: torch.Tensor | None = None  # attention mask of the batch being run
         self._route: torch.Tensor | None = None  # per-sample decision, kept while generating
         self._hooks: list = []
         self._applied = 0
         lalm.model.requires_grad_(False)  # only the editor's own copies are trained
-
-    # ------------------------------------------------------------------ data
-    def _preservation_prompts(
-        self, root: str, audio_root: str | None, n_text: int, n_audio: int
-    ) -> list[Prompt]:
-        """The first distinct text-QA and audio questions of the train split's locality queries."""
-        train = SakeData.load(root).train
-        if not train:
-            raise FileNotFoundError(f"{root}: no train split for WISE's preservation inputs")
-        resolver = AudioResolver(audio_root or Path(root) / "audio")
-        text, audio, seen = [], [], set()
-        for q in (q for inst in train for q in (*inst.text_locality, *inst.audio_locality)):
-            key = (q.file, q.question)
-            if key in seen:
-                continue
-            seen.add(key)
-            if q.file is None and len(text) < n_text:
-                text.append(Prompt(q.question))
-            elif q.file is not None and len(audio) < n_audio:
-                audio.append(
-                    Prompt(q.question, audio=resolver.load(q.file, q.track, self.lalm.sampling_rate))
-                )
-            if len(text) == n_text and len(audio) == n_audio:
-                break
-        return text + audio
 
     # ------------------------------------------------------------------ activations
     def _forward(self, batch: dict[str, torch.Tensor], params=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from editors.base import ContextEdit, EditRequest, in_context
 from editors.finetune import FineTune
 from editors.ie_ike import DemonstrationIKE
 from editors.ike import InstructionIKE
+from editors.unke import UnKE, hidden
 from editors.wise import WISE
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import ResultsLog
@@ -180,3 +181,28 @@ def test_wise_sequential_edits_undo_exactly(shipped, mini, mini_dir, wise):
     assert torch.equal(wise.side, side0) and wise.in_scope == [] and not wise._hooks
     with pytest.raises(RuntimeError, match="already undone"):
         handles[0].undo()
+
+
+def test_unke_edits_the_block_through_the_models_own_calls_and_undoes_exactly(shipped, mini, mini_dir):
+    unke = UnKE(shipped, 1, str(mini_dir), n_text=4, n_audio=2, key_steps=25, block_lr=2e-3, block_steps=30)
+    assert unke.param_names and all(n.startswith(unke.path + ".") for n in unke.param_names)
+    sw = sweeper(shipped, unke, mini_dir)
+    inst = next(i for i in mini.test if i.attribute == "gender")
+    prompt = sw.prompt(inst.reliability)
+    text = Prompt("What is two plus three?\n\nOptions:\nfive\nfour\nsix\nseven")
+    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
+    unedited = shipped.generate([prompt, text], 8)
+    # the block's recorded call reproduces the model's own output for it
+    batch = shipped.to_device(shipped.encode([prompt]))
+    args, kwargs, out = unke.block_call(batch)
+    assert torch.allclose(hidden(unke.block(*args, **kwargs)), out, atol=1e-6)
+    handle = unke.apply(request(inst, prompt))
+    assert 0 < unke.target_norms[-1] <= 4.0 + 1e-4
+    changed = [n for n in unke.param_names if not torch.equal(before[n], shipped.model.state_dict()[n])]
+    assert changed and all(
+        torch.equal(before[k], v) for k, v in shipped.model.state_dict().items() if k not in changed
+    )
+    edited = shipped.generate([prompt, text], 8)
+    assert edited[0] == inst.target != unedited[0] and edited[1] == unedited[1]
+    handle.undo()
+    assert all(torch.equal(before[k], v) for k, v in shipped.model.state_dict().items())

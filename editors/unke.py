@@ -1,0 +1,166 @@
+"""UnKE: edit a whole decoder block so that it produces a new hidden state for the edit.
+
+Stage 1 finds the target: an additive delta on the output of decoder layer `layer` at the last
+prompt position (the one that predicts the answer), optimised (Adam) so that the model answers
+with the target, with weight decay on the delta and its norm clamped to `clamp_norm` times the
+original state's. Stage 2 trains every parameter of that block (AdamW) with an MSE that makes it
+produce the new state for the edit while reproducing its original outputs on preservation inputs
+(text and audio questions from the train split).
+
+The block runs through the model's own code: a forward pre-hook records the arguments the
+model passes to it (hidden states, attention mask, position embeddings, ... whatever the family
+uses), and stage 2 calls the block with them via `torch.func.functional_call`. No masks are
+built by hand, and the layers above are never run in stage 2. The preservation inputs' block
+arguments and original outputs are computed once (the preserved keys). The trained block is
+written in place behind a `WeightSnapshot`, so undo is bitwise and sequential edits accumulate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from editors.base import EditRequest, WeightSnapshot
+from editors.preservation import preservation_prompts
+from lalms.base import IGNORE_INDEX, LALM, answer_nll
+
+
+def hidden(output: Any) -> torch.Tensor:
+    """A decoder layer's output hidden states (layers return a tensor or a tuple, by version)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Stop(Exception):
+    """Raised by a hook once the block has run: nothing above it is needed."""
+
+
+class UnKE:
+    def __init__(
+        self,
+        lalm: LALM,
+        layer: int,
+        preservation_root: str,
+        audio_root: str | None = None,
+        n_text: int = 20,
+        n_audio: int = 5,
+        key_lr: float = 0.5,
+        key_steps: int = 25,
+        key_weight_decay: float = 1e-3,
+        clamp_norm: float = 4.0,
+        block_lr: float = 2e-4,
+        block_steps: int = 50,
+    ) -> None:
+        self.lalm = lalm
+        self.key_lr, self.key_steps, self.key_wd, self.clamp_norm = (
+            key_lr,
+            key_steps,
+            key_weight_decay,
+            clamp_norm,
+        )
+        self.block_lr, self.block_steps = block_lr, block_steps
+        self.path = lalm.edit_sites.resolve(f"llm.layers.{layer}")
+        self.block = lalm.model.get_submodule(self.path)
+        self.param_names = [f"{self.path}.{n}" for n, _ in self.block.named_parameters()]
+        self.preservation = preservation_prompts(
+            preservation_root, audio_root, n_text, n_audio, lalm.sampling_rate
+        )
+        self._preserved: tuple[tuple, dict, torch.Tensor, torch.Tensor] | None = None
+        self.target_norms: list[float] = []  # |delta| / |h| of each edit's stage-1 target, for reports
+        lalm.model.requires_grad_(False)  # only the editor's own copies are trained
+
+    # ------------------------------------------------------------------ the block's calls
+    def block_call(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict, torch.Tensor]:
+        """The arguments the model passes to the block for `batch`, and the block's output."""
+        seen: dict[str, Any] = {}
+
+        def record(module, args, kwargs):
+            seen["args"], seen["kwargs"] = args, kwargs
+
+        def stop(module, args, output):
+            seen["out"] = hidden(output)
+            raise _Stop
+
+        hooks = [
+            self.block.register_forward_pre_hook(record, with_kwargs=True),
+            self.block.register_forward_hook(stop),
+        ]
+        try:
+            with torch.no_grad():
+                self.lalm.forward(batch)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen["args"], seen["kwargs"], seen["out"].detach()
+
+    def preserved(self) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
+        """The preservation batch's block args, kwargs, original outputs and real-position mask
+        (padding positions are left out of the loss)."""
+        if self._preserved is None:
+            batch = self.lalm.to_device(self.lalm.encode(self.preservation))
+            args, kwargs, out = self.block_call(batch)
+            self._preserved = (args, kwargs, out, batch["attention_mask"].bool())
+        return self._preserved
+
+    # ------------------------------------------------------------------ the two stages
+    def target_state(self, batch: dict[str, torch.Tensor], pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1: (original state, target state) of the block's output at `pos` of row 0."""
+        original = self.block_call(batch)[2][0, pos]
+        delta = torch.zeros_like(original, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=self.key_lr)
+        limit = self.clamp_norm * original.norm()
+
+        def add(module, args, output):
+            h = hidden(output).clone()
+            h[0, pos] = h[0, pos] + delta
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        hook = self.block.register_forward_hook(add)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.key_steps):
+                    loss = (
+                        answer_nll(self.lalm.logits(batch), batch["labels"])
+                        + self.key_wd * delta.pow(2).sum()
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        if delta.norm() > limit:
+                            delta.mul_(limit / delta.norm())
+        finally:
+            hook.remove()
+        return original, (original + delta).detach()
+
+    def apply(self, request: EditRequest) -> WeightSnapshot:
+        batch = self.lalm.to_device(self.lalm.encode([request.prompt], [request.target]))
+        pos = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1  # last prompt position
+        original, target = self.target_state(batch, pos)
+        self.target_norms.append(float((target - original).norm() / original.norm()))
+        args, kwargs, _ = self.block_call(batch)
+        p_args, p_kwargs, p_out, p_mask = self.preserved()
+        params = dict(self.lalm.model.named_parameters())
+        snapshot = WeightSnapshot(self.lalm.model, self.param_names)
+        prefix = len(self.path) + 1
+        tuned = {n[prefix:]: params[n].detach().clone().requires_grad_(True) for n in self.param_names}
+        optimizer = torch.optim.AdamW(tuned.values(), lr=self.block_lr)
+
+        def run(a: Sequence, kw: dict) -> torch.Tensor:
+            return hidden(torch.func.functional_call(self.block, tuned, tuple(a), dict(kw)))
+
+        with torch.enable_grad():
+            for _ in range(self.block_steps):
+                loss = F.mse_loss(run(args, kwargs)[0, pos], target)
+                loss = loss + F.mse_loss(run(p_args, p_kwargs)[p_mask], p_out[p_mask])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            for name, value in tuned.items():
+                params[f"{self.path}.{name}"].copy_(value)
+        return snapshot
