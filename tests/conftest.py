@@ -54,3 +54,19 @@ def mini_dir(tmp_path_factory):
     return build_mini(
         tmp_path_factory.mktemp("mini") / "sake_mini", seed=0, sizes=MiniSizes(**SMALL_MINI), workers=2
     )
+
+
+@pytest.fixture(scope="module")
+def shipped_lalm():
+    """The shipped tiny LALM (checkpoints/tiny-lalm), loaded once per test module."""
+    from pathlib import Path
+
+    return Qwen2Audio.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-lalm"))
+
+
+@pytest.fixture(scope="module")
+def mini(mini_dir):
+    """The small SAKE-mini build, loaded."""
+    from datamodules import SakeData
+
+    return SakeData.load(mini_dir)

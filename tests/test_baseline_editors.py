@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules import AudioResolver, SakeData
+from datamodules import AudioResolver
 from editors.base import ContextEdit, EditRequest, in_context
 from editors.finetune import FineTune
 from editors.ie_ike import DemonstrationIKE
@@ -18,20 +18,7 @@ from evaluation.judges.rule import RuleJudge
 from evaluation.records import ResultsLog
 from evaluation.responses import ResponseCache
 from evaluation.sweep import Sweeper, request
-from lalms import Qwen2Audio
 from lalms.prompt import Prompt
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    return Qwen2Audio.load(str(ROOT / "checkpoints" / "tiny-lalm"))
-
-
-@pytest.fixture(scope="module")
-def mini(mini_dir):
-    return SakeData.load(mini_dir)
 
 
 def sweeper(lalm, editor, mini_dir) -> Sweeper:
@@ -40,17 +27,19 @@ def sweeper(lalm, editor, mini_dir) -> Sweeper:
 
 
 @pytest.mark.parametrize(("site", "lr"), [("llm.layers.-1", 1e-3), ("connector", 1e-2)])
-def test_fine_tuning_edits_then_restores_every_parameter_bitwise(shipped, mini, mini_dir, tmp_path, site, lr):
-    editor = FineTune(shipped, site=site, lr=lr, max_steps=15)
-    prefix = shipped.edit_sites.resolve(site) + "."
+def test_fine_tuning_edits_then_restores_every_parameter_bitwise(
+    shipped_lalm, mini, mini_dir, tmp_path, site, lr
+):
+    editor = FineTune(shipped_lalm, site=site, lr=lr, max_steps=15)
+    prefix = shipped_lalm.edit_sites.resolve(site) + "."
     assert editor.param_names and all(n.startswith(prefix) for n in editor.param_names)
-    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
+    before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
     items = mini.test[:4]
     log = ResultsLog(tmp_path / "single.jsonl")
-    sw = sweeper(shipped, editor, mini_dir)
+    sw = sweeper(shipped_lalm, editor, mini_dir)
     sw.single(items, log)
     sw.sequential([mini.sequences[0][:3]], ResultsLog(tmp_path / "seq.jsonl"))
-    after = shipped.model.state_dict()
+    after = shipped_lalm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(0 <= s <= 15 for s in editor.steps_taken) and len(editor.steps_taken) == 4 + 3
     if site == "llm.layers.-1":  # the last layer fits each edit well within 15 steps
@@ -58,33 +47,33 @@ def test_fine_tuning_edits_then_restores_every_parameter_bitwise(shipped, mini, 
         assert sum(reliability) >= 3
 
 
-def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped, mini, mini_dir):
+def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped_lalm, mini, mini_dir):
     inst = mini.test[0]
-    sw = sweeper(shipped, None, mini_dir)
+    sw = sweeper(shipped_lalm, None, mini_dir)
     req = request(inst, sw.prompt(inst.reliability))
-    editor = FineTune(shipped, lr=1e-3, max_steps=15, stop_loss=1e9)  # any loss is low enough
+    editor = FineTune(shipped_lalm, lr=1e-3, max_steps=15, stop_loss=1e9)  # any loss is low enough
     editor.apply(req).undo()
     assert editor.steps_taken == [0]
-    editor = FineTune(shipped, lr=1e-3, max_steps=15, stop_loss=0.0)  # never low enough
+    editor = FineTune(shipped_lalm, lr=1e-3, max_steps=15, stop_loss=0.0)  # never low enough
     handle = editor.apply(req)
     assert editor.steps_taken == [15]
     with torch.no_grad():
-        assert float(shipped.loss([req.prompt], [req.target])) < 0.5  # it learned the target
+        assert float(shipped_lalm.loss([req.prompt], [req.target])) < 0.5  # it learned the target
     handle.undo()
 
 
-def test_fine_tuning_rejects_a_bad_site(shipped):
+def test_fine_tuning_rejects_a_bad_site(shipped_lalm):
     with pytest.raises(KeyError, match="must start with llm.layers"):
-        FineTune(shipped, site="decoder.layers.0")
+        FineTune(shipped_lalm, site="decoder.layers.0")
 
 
 def req(attribute="emotion", original="sad", target="happy", question="How does the speaker feel?"):
     return EditRequest(prompt=Prompt(question), target=target, original=original, attribute=attribute)
 
 
-def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped):
-    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
-    editor = InstructionIKE(shipped)
+def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped_lalm):
+    before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
+    editor = InstructionIKE(shipped_lalm)
     first = editor.apply(req())
     second = editor.apply(req("animal", "frog", "dog"))
     assert isinstance(first, ContextEdit)
@@ -93,18 +82,18 @@ def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped
     assert p.system.index("perceived as sad") < p.system.index("perceived as frog")
     assert "from now on be perceived as happy" in p.system and "speakers' emotions" in p.system
     assert in_context([first], Prompt("q", system="Be brief.")).system.startswith("Be brief.\n")
-    assert "from now on" in shipped.render(p)
+    assert "from now on" in shipped_lalm.render(p)
     first.undo()
     with pytest.raises(RuntimeError, match="undone"):
         first.rewrite(Prompt("q"))
     second.undo()
-    assert all(torch.equal(before[k], v) for k, v in shipped.model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in shipped_lalm.model.state_dict().items())
     with pytest.raises(ValueError, match="no wording for attribute .timbre."):
         editor.apply(req("timbre"))
 
 
-def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped, mini, mini_dir):
-    editor = DemonstrationIKE(shipped, str(mini_dir), max_history=None)
+def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped_lalm, mini, mini_dir):
+    editor = DemonstrationIKE(shipped_lalm, str(mini_dir), max_history=None)
     for inst in (next(i for i in mini.test if i.attribute == "gender"), mini.test[-1]):
         r = request(inst, Prompt(inst.reliability.question))
         demos = editor.demonstrations(r)
@@ -119,18 +108,18 @@ def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped, mini, min
         ) or source.original.casefold() == inst.original.casefold()
         p = in_context([editor.apply(r)], Prompt("q"))
         assert p.history == demos and "from now on" in p.system
-        assert shipped.generate([p], 4)  # the dialogue fits the model and generates
+        assert shipped_lalm.generate([p], 4)  # the dialogue fits the model and generates
 
 
-def test_demonstration_history_keeps_the_most_recent_turns(shipped, mini, mini_dir):
-    editor = DemonstrationIKE(shipped, str(mini_dir), max_history=10)
+def test_demonstration_history_keeps_the_most_recent_turns(shipped_lalm, mini, mini_dir):
+    editor = DemonstrationIKE(shipped_lalm, str(mini_dir), max_history=10)
     a, b = (request(i, Prompt(i.reliability.question)) for i in (mini.test[0], mini.test[-1]))
     p = in_context([editor.apply(a), editor.apply(b)], Prompt("q"))
     assert len(p.history) == 10 and p.history[-1] == editor.demonstrations(b)[-1]
 
 
-def test_the_sweep_asks_every_query_in_the_edit_context(shipped, mini, mini_dir, tmp_path):
-    sw = sweeper(shipped, InstructionIKE(shipped), mini_dir)
+def test_the_sweep_asks_every_query_in_the_edit_context(shipped_lalm, mini, mini_dir, tmp_path):
+    sw = sweeper(shipped_lalm, InstructionIKE(shipped_lalm), mini_dir)
     asked: list[Prompt] = []
     generate = sw.generate
     sw.prepare(mini.test[:1])  # pre-edit answers: asked without the edit
@@ -145,34 +134,36 @@ def test_the_sweep_asks_every_query_in_the_edit_context(shipped, mini, mini_dir,
 
 
 @pytest.fixture(scope="module")
-def wise(shipped, mini_dir):
-    return WISE(shipped, -2, str(mini_dir), n_text=4, n_audio=4, lr=0.1, steps=40)
+def wise(shipped_lalm, mini_dir):
+    return WISE(shipped_lalm, -2, str(mini_dir), n_text=4, n_audio=4, lr=0.1, steps=40)
 
 
-def test_wise_routes_each_sample_of_a_mixed_batch_on_its_own(shipped, mini, mini_dir, wise):
+def test_wise_routes_each_sample_of_a_mixed_batch_on_its_own(shipped_lalm, mini, mini_dir, wise):
     inst = next(i for i in mini.test if i.attribute == "animal")
-    sw = sweeper(shipped, wise, mini_dir)
+    sw = sweeper(shipped_lalm, wise, mini_dir)
     edit_prompt = sw.prompt(inst.reliability)
     text_q = next(q for q in inst.text_locality)
     other = next(i for i in mini.test if i.attribute == "emotion")
     batch = [Prompt("What is two plus three?"), edit_prompt, sw.prompt(other.reliability), sw.prompt(text_q)]
-    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
-    unedited = shipped.generate(batch, 8)
+    before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
+    unedited = shipped_lalm.generate(batch, 8)
     handle = wise.apply(request(inst, edit_prompt))
     assert wise.in_scope and wise.threshold == pytest.approx(0.88 * wise.in_scope[0])
     assert wise.routed(batch).tolist() == [False, True, False, False]
-    edited = shipped.generate(batch, 8)
+    edited = shipped_lalm.generate(batch, 8)
     assert edited[1] == inst.target and unedited[1] != inst.target
     assert [edited[i] for i in (0, 2, 3)] == [unedited[i] for i in (0, 2, 3)]  # main memory, unchanged
     # alone or in a batch, a sample gets the same answer (the decision is per sample)
-    assert shipped.generate([batch[1]], 8) == [edited[1]] and shipped.generate([batch[2]], 8) == [edited[2]]
+    assert shipped_lalm.generate([batch[1]], 8) == [edited[1]] and shipped_lalm.generate([batch[2]], 8) == [
+        edited[2]
+    ]
     handle.undo()
-    assert shipped.generate(batch, 8) == unedited and not wise._hooks
-    assert all(torch.equal(before[k], v) for k, v in shipped.model.state_dict().items())
+    assert shipped_lalm.generate(batch, 8) == unedited and not wise._hooks
+    assert all(torch.equal(before[k], v) for k, v in shipped_lalm.model.state_dict().items())
 
 
-def test_wise_sequential_edits_undo_exactly(shipped, mini, mini_dir, wise):
-    sw = sweeper(shipped, wise, mini_dir)
+def test_wise_sequential_edits_undo_exactly(shipped_lalm, mini, mini_dir, wise):
+    sw = sweeper(shipped_lalm, wise, mini_dir)
     side0 = wise.side.clone()
     handles = [wise.apply(request(i, sw.prompt(i.reliability))) for i in mini.sequences[0][:3]]
     assert len(wise.in_scope) == 3 and not torch.equal(wise.side, side0)
@@ -183,26 +174,28 @@ def test_wise_sequential_edits_undo_exactly(shipped, mini, mini_dir, wise):
         handles[0].undo()
 
 
-def test_unke_edits_the_block_through_the_models_own_calls_and_undoes_exactly(shipped, mini, mini_dir):
-    unke = UnKE(shipped, 1, str(mini_dir), n_text=4, n_audio=2, key_steps=25, block_lr=2e-3, block_steps=30)
+def test_unke_edits_the_block_through_the_models_own_calls_and_undoes_exactly(shipped_lalm, mini, mini_dir):
+    unke = UnKE(
+        shipped_lalm, 1, str(mini_dir), n_text=4, n_audio=2, key_steps=25, block_lr=2e-3, block_steps=30
+    )
     assert unke.param_names and all(n.startswith(unke.path + ".") for n in unke.param_names)
-    sw = sweeper(shipped, unke, mini_dir)
+    sw = sweeper(shipped_lalm, unke, mini_dir)
     inst = next(i for i in mini.test if i.attribute == "gender")
     prompt = sw.prompt(inst.reliability)
     text = Prompt("What is two plus three?\n\nOptions:\nfive\nfour\nsix\nseven")
-    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
-    unedited = shipped.generate([prompt, text], 8)
+    before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
+    unedited = shipped_lalm.generate([prompt, text], 8)
     # the block's recorded call reproduces the model's own output for it
-    batch = shipped.to_device(shipped.encode([prompt]))
+    batch = shipped_lalm.to_device(shipped_lalm.encode([prompt]))
     args, kwargs, out = unke.block_call(batch)
     assert torch.allclose(hidden(unke.block(*args, **kwargs)), out, atol=1e-6)
     handle = unke.apply(request(inst, prompt))
     assert 0 < unke.target_norms[-1] <= 4.0 + 1e-4
-    changed = [n for n in unke.param_names if not torch.equal(before[n], shipped.model.state_dict()[n])]
+    changed = [n for n in unke.param_names if not torch.equal(before[n], shipped_lalm.model.state_dict()[n])]
     assert changed and all(
-        torch.equal(before[k], v) for k, v in shipped.model.state_dict().items() if k not in changed
+        torch.equal(before[k], v) for k, v in shipped_lalm.model.state_dict().items() if k not in changed
     )
-    edited = shipped.generate([prompt, text], 8)
+    edited = shipped_lalm.generate([prompt, text], 8)
     assert edited[0] == inst.target != unedited[0] and edited[1] == unedited[1]
     handle.undo()
-    assert all(torch.equal(before[k], v) for k, v in shipped.model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in shipped_lalm.model.state_dict().items())

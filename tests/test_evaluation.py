@@ -23,19 +23,8 @@ from evaluation.records import QueryResult, ResultsLog, read_lines
 from evaluation.responses import ResponseCache
 from evaluation.run import RunMismatch, run_sweeps
 from evaluation.sweep import Sweeper
-from lalms import Qwen2Audio
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    return Qwen2Audio.load(str(ROOT / "checkpoints" / "tiny-lalm"))
-
-
-@pytest.fixture(scope="module")
-def mini(mini_dir):
-    return SakeData.load(mini_dir)
 
 
 class Recorder:
@@ -65,45 +54,47 @@ def strip_time(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def test_a_full_single_sweep_restores_every_parameter_bitwise(shipped, mini, mini_dir, tmp_path):
-    before = {k: v.clone() for k, v in shipped.model.state_dict().items()}
-    editor = HypernetEditor(MEND(shipped, edit_lr=5.0))
+def test_a_full_single_sweep_restores_every_parameter_bitwise(shipped_lalm, mini, mini_dir, tmp_path):
+    before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
+    editor = HypernetEditor(MEND(shipped_lalm, edit_lr=5.0))
     log = ResultsLog(tmp_path / "results.jsonl")
-    sweeper(shipped, editor, mini_dir).single(mini.test[:6], log)
+    sweeper(shipped_lalm, editor, mini_dir).single(mini.test[:6], log)
     assert len(read_lines(log.path)[0]) == 6
     changed = sum(q["post"] != q["pre"] for r in log for q in r["queries"])
     assert changed > 0, "the edits should change some answers, or this test checks nothing"
-    after = shipped.model.state_dict()
+    after = shipped_lalm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # and after a sequence of cumulative edits
-    sweeper(shipped, editor, mini_dir).sequential([mini.sequences[0][:3]], ResultsLog(tmp_path / "seq.jsonl"))
+    sweeper(shipped_lalm, editor, mini_dir).sequential(
+        [mini.sequences[0][:3]], ResultsLog(tmp_path / "seq.jsonl")
+    )
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_killed_single_sweep_resumes_to_the_same_results(shipped, mini, mini_dir, tmp_path):
-    editor = HypernetEditor(MEND(shipped, edit_lr=5.0))
+def test_a_killed_single_sweep_resumes_to_the_same_results(shipped_lalm, mini, mini_dir, tmp_path):
+    editor = HypernetEditor(MEND(shipped_lalm, edit_lr=5.0))
     items = mini.test[:5]
     whole = ResultsLog(tmp_path / "whole.jsonl")
-    sweeper(shipped, editor, mini_dir).single(items, whole)
+    sweeper(shipped_lalm, editor, mini_dir).single(items, whole)
 
     part = tmp_path / "part.jsonl"
-    sweeper(shipped, editor, mini_dir).single(items[:2], ResultsLog(part))
+    sweeper(shipped_lalm, editor, mini_dir).single(items[:2], ResultsLog(part))
     with part.open("a") as f:  # killed while writing the third line
         f.write('{"id": "torn", "queries": [')
     resumed = ResultsLog(part)
     assert len(resumed.records) == 2 and not part.read_text().endswith("[")
-    sweeper(shipped, editor, mini_dir).single(items, resumed)
+    sweeper(shipped_lalm, editor, mini_dir).single(items, resumed)
     assert strip_time(read_lines(part)[0]) == strip_time(read_lines(whole.path)[0])
 
 
 def test_sequential_bookkeeping_evaluates_the_first_five_edits_at_gaps_0_to_5(
-    shipped, mini, mini_dir, tmp_path
+    shipped_lalm, mini, mini_dir, tmp_path
 ):
     seq = mini.sequences[0]
     assert len(seq) == 10
     editor = Recorder()
     log = ResultsLog(tmp_path / "seq.jsonl")
-    sweeper(shipped, editor, mini_dir).sequential([seq], log)
+    sweeper(shipped_lalm, editor, mini_dir).sequential([seq], log)
     pairs = [(r["step"], e["edit_step"], e["gap"]) for r in log for e in r["evals"]]
     expected = [(t, i, t - i) for t in range(10) for i in range(5) if 0 <= t - i <= 5]
     assert pairs == expected
@@ -117,16 +108,16 @@ def test_sequential_bookkeeping_evaluates_the_first_five_edits_at_gaps_0_to_5(
     part.write_text("".join(json.dumps(r) + "\n" for r in read_lines(log.path)[0][:4]))
     editor2 = Recorder()
     resumed = ResultsLog(part)
-    sweeper(shipped, editor2, mini_dir).sequential([seq], resumed)
+    sweeper(shipped_lalm, editor2, mini_dir).sequential([seq], resumed)
     assert strip_time(read_lines(part)[0]) == strip_time(read_lines(log.path)[0])
     assert editor2.events == editor.events
 
 
-def test_sweeps_deal_instances_to_ranks_without_overlap(shipped, mini, mini_dir, tmp_path):
+def test_sweeps_deal_instances_to_ranks_without_overlap(shipped_lalm, mini, mini_dir, tmp_path):
     seen = []
     for rank in range(3):
         log = ResultsLog(tmp_path / f"r{rank}.jsonl")
-        sweeper(shipped, Recorder(), mini_dir, rank=rank, world_size=3).single(mini.test[:7], log)
+        sweeper(shipped_lalm, Recorder(), mini_dir, rank=rank, world_size=3).single(mini.test[:7], log)
         seen += [r["id"] for r in log]
     assert sorted(seen) == sorted(f"{Path(i.source).stem}:{i.index}" for i in mini.test[:7])
 
@@ -208,23 +199,27 @@ def test_rescore_names_the_record_and_field_of_a_bad_file(tmp_path):
         rescore.run(str(path), RuleJudge(), tmp_path / "out")
 
 
-def test_run_writes_reports_and_refuses_to_mix_runs(shipped, mini_dir, tmp_path):
+def test_run_writes_reports_and_refuses_to_mix_runs(shipped_lalm, mini_dir, tmp_path):
     data = SakeData.load(mini_dir)
     fabric = Fabric(accelerator="cpu", devices=1)
     identity = {"editor": "recorder", "model": "tiny", "data": "mini", "judge": "rule", "max_new_tokens": 8}
     args = (["single", "sequential"], data.test[:4], [data.sequences[0][:6]])
-    m = run_sweeps(fabric, sweeper(shipped, Recorder(), mini_dir), tmp_path, *args, identity)
+    m = run_sweeps(fabric, sweeper(shipped_lalm, Recorder(), mini_dir), tmp_path, *args, identity)
     assert set(m["overall"]) == set(M.METRICS) and set(m["sequential"]) == set(M.METRICS)
     # an editor that changes nothing keeps every locality answer
     assert m["overall"]["audio_locality"] == 100.0 and m["sequential"]["text_locality"]["0"] == 100.0
     for name in ("metrics.json", "report.md", "plots/sequential.png", "plots/types.png", "run.json"):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tb").glob("events.*"))
-    again = run_sweeps(fabric, sweeper(shipped, Recorder(), mini_dir), tmp_path, *args, identity)
+    again = run_sweeps(fabric, sweeper(shipped_lalm, Recorder(), mini_dir), tmp_path, *args, identity)
     assert {k: again[k] for k in ("overall", "sequential")} == {k: m[k] for k in ("overall", "sequential")}
     with pytest.raises(RunMismatch, match="editor: 'recorder' there, 'other' now"):
         run_sweeps(
-            fabric, sweeper(shipped, Recorder(), mini_dir), tmp_path, *args, identity | {"editor": "other"}
+            fabric,
+            sweeper(shipped_lalm, Recorder(), mini_dir),
+            tmp_path,
+            *args,
+            identity | {"editor": "other"},
         )
 
 
@@ -238,11 +233,11 @@ def evaluate_cli(*args, cwd=ROOT):
 
 
 @pytest.fixture(scope="module")
-def exported(shipped, tmp_path_factory):
+def exported(shipped_lalm, tmp_path_factory):
     """An (untrained) MEND exported like train.py does."""
     cfg = {"_target_": "editors.mend.MEND", "rank": 16, "edit_lr": 5.0}
     return save_editor(
-        MEND(shipped, rank=16, edit_lr=5.0), cfg, tmp_path_factory.mktemp("ed") / "mend", "mend"
+        MEND(shipped_lalm, rank=16, edit_lr=5.0), cfg, tmp_path_factory.mktemp("ed") / "mend", "mend"
     )
 
 
