@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from datamodules.schema import EditInstance, Query
+from evaluation.degeneration import is_degenerate
+from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,26 @@ class QueryResult:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QueryResult:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
+
+
+def judge_results(results: Sequence[QueryResult], judge: Judge) -> None:
+    """Fill in verdicts: correctness against the ground truth for reliability, generality and
+    portability; consistency with the pre-edit answer for locality. Flags degenerate outputs."""
+    right = [r for r in results if r.kind in CORRECTNESS_KINDS]
+    same = [r for r in results if r.kind not in CORRECTNESS_KINDS]
+    verdicts = judge.correctness(
+        [CorrectnessCase(r.question, tuple(r.options), r.truth, r.post) for r in right]
+    )
+    verdicts += judge.consistency(
+        [ConsistencyCase(r.question, tuple(r.options), r.pre, r.post) for r in same]
+    )
+    for r, j in zip(right + same, verdicts, strict=True):
+        r.verdict, r.reason, r.committed, r.degenerate = (
+            j.verdict,
+            j.reason,
+            j.committed,
+            is_degenerate(r.post),
+        )
 
 
 def to_json(obj: Any) -> str:

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from datamodules.schema import ATTRIBUTES, SAKE_LABELS, SchemaError, norm_label, parse_options
 from evaluation import metrics as M
 from evaluation import report
-from evaluation.degeneration import is_degenerate
-from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge
-from evaluation.records import CORRECTNESS_KINDS, QueryResult, ResultsLog, read_lines, write_atomic
+from evaluation.judges import Judge
+from evaluation.records import QueryResult, ResultsLog, judge_results, read_lines, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +105,6 @@ def from_easyedit(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def rejudge(queries: Sequence[QueryResult], judge: Judge) -> None:
-    right = [q for q in queries if q.kind in CORRECTNESS_KINDS]
-    same = [q for q in queries if q.kind not in CORRECTNESS_KINDS]
-    verdicts = judge.correctness(
-        [CorrectnessCase(q.question, tuple(q.options), q.truth, q.post) for q in right]
-    )
-    verdicts += judge.consistency(
-        [ConsistencyCase(q.question, tuple(q.options), q.pre, q.post) for q in same]
-    )
-    for q, j in zip(right + same, verdicts, strict=True):
-        q.verdict, q.reason, q.committed, q.degenerate = (
-            j.verdict,
-            j.reason,
-            j.committed,
-            is_degenerate(q.post),
-        )
-
-
 def load(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """("single" | "sequential", records with QueryResult objects) from either format."""
     if path.suffix == ".json":
@@ -145,7 +126,7 @@ def run(results: str, judge: Judge, out_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"results={results}: no such file")
     mode, records = load(path)
     parts = [p for r in records for p in (r["evals"] if mode == "sequential" else [r])]
-    rejudge([q for p in parts for q in p["queries"]], judge)
+    judge_results([q for p in parts for q in p["queries"]], judge)
     out = ResultsLog(out_dir / mode / "results.jsonl")
     if len(out.records):
         raise FileExistsError(f"{out.path} exists: rescore into a new run_name=...")

@@ -26,10 +26,9 @@ import numpy as np
 from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance, Query
 from editors.base import EditHandle, Editor, EditRequest, in_context
-from evaluation.degeneration import is_degenerate
-from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge
+from evaluation.judges import Judge
 from evaluation.progress import progress_bar
-from evaluation.records import CORRECTNESS_KINDS, QueryResult, ResultsLog, instance_id
+from evaluation.records import QueryResult, ResultsLog, instance_id, judge_results
 from evaluation.responses import ResponseCache, pre_edit_responses, query_key
 from lalms.base import LALM
 from lalms.prompt import Prompt
@@ -110,16 +109,7 @@ class Sweeper:
         """Results of `queries` answered with `posts`: correctness against the ground truth for
         reliability, generality and portability; consistency with the pre-edit answer for locality."""
         results = [QueryResult.of(q, self.pre(q), p) for q, p in zip(queries, posts, strict=True)]
-        right = [r for r in results if r.kind in CORRECTNESS_KINDS]
-        same = [r for r in results if r.kind not in CORRECTNESS_KINDS]
-        verdicts = self.judge.correctness(
-            [CorrectnessCase(r.question, tuple(r.options), r.truth, r.post) for r in right]
-        ) + self.judge.consistency(
-            [ConsistencyCase(r.question, tuple(r.options), r.pre, r.post) for r in same]
-        )
-        for r, j in zip(right + same, verdicts, strict=True):
-            r.verdict, r.reason, r.committed = j.verdict, j.reason, j.committed
-            r.degenerate = is_degenerate(r.post)
+        judge_results(results, self.judge)
         return results
 
     # ------------------------------------------------------------------ sweeps
