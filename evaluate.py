@@ -9,7 +9,6 @@ python evaluate.py dry_run=true                               # print the plan a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -17,12 +16,12 @@ from pathlib import Path
 import hydra
 from hydra.utils import instantiate
 from lightning.fabric import Fabric
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from datamodules.audio_io import AudioResolver  # noqa: E402
-from editors.checkpoint import WEIGHTS, load_editor, read_info  # noqa: E402
+from editors.checkpoint import export_digest, load_editor, read_info  # noqa: E402
 from evaluation import base, report, rescore  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
@@ -46,11 +45,15 @@ def plan(cfg: DictConfig) -> str:
 
 
 def build_editor(cfg: DictConfig, lalm):
-    """(editor, description) from ckpt= (trained editors) or editor=<name> (no training needed)."""
+    """(editor, description, settings) from ckpt= (trained editors) or editor=<name> (no training
+    needed); the settings (the config, and what training chose) go into the reports."""
     if cfg.ckpt:
-        info, weights = read_info(cfg.ckpt), Path(cfg.ckpt) / WEIGHTS
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]  # a retrained editor is another run
-        return load_editor(cfg.ckpt, lalm), f"{info['editor']} ({Path(cfg.ckpt).name}, {digest})"
+        info = read_info(cfg.ckpt)
+        name = (
+            f"{info['editor']} ({Path(cfg.ckpt).name}, {export_digest(cfg.ckpt)})"  # retrained: another run
+        )
+        settings = {"config": info.get("config") or info["network"], "calibration": info.get("calibration")}
+        return load_editor(cfg.ckpt, lalm), name, {k: v for k, v in settings.items() if v}
     editor = require(cfg, "editor", "evaluate.py needs an editor (or ckpt=<exported editor>)")
     if "editor" not in editor:
         raise MissingChoiceError(
@@ -58,7 +61,8 @@ def build_editor(cfg: DictConfig, lalm):
             f"model={cfg.model.name}, then python evaluate.py "
             f"ckpt=checkpoints/{editor.name}-{cfg.model.name}-{cfg.data.name}"
         )
-    return instantiate(editor.editor, lalm=lalm), editor.name
+    config = OmegaConf.to_container(editor.editor, resolve=True)
+    return instantiate(editor.editor, lalm=lalm), editor.name, {"config": config}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -84,7 +88,7 @@ def main(cfg: DictConfig) -> None:
         if fabric.global_rank == 0:  # one process: it is one batched pass over distinct queries
             base.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens)
         return
-    editor, name = build_editor(cfg, lalm)
+    editor, name, settings = build_editor(cfg, lalm)
     sweeper = Sweeper(
         lalm, editor, judge, AudioResolver(data.audio_root), cache, cfg.max_new_tokens, cfg.batch_size,
         fabric.global_rank, fabric.world_size,
@@ -92,7 +96,7 @@ def main(cfg: DictConfig) -> None:
     identity = {"editor": name, "model": f"{lalm.name} ({lalm.fingerprint()})", "data": data.name}
     identity |= {"judge": judge.name, "max_new_tokens": cfg.max_new_tokens}
     sweeps = (cfg.sweeps, data.test_instances(), data.test_sequences() if "sequential" in cfg.sweeps else [])
-    metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, **cfg.sequential)
+    metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, settings=settings, **cfg.sequential)
     if fabric.global_rank == 0:
         log.info("\n%s\nfull report: %s", report.summary(metrics), out_dir / "report.md")
     return metrics

@@ -1,19 +1,25 @@
-"""Exported hypernetwork editors: `editor.safetensors` + `editor.yaml`, and loading them back.
+"""Exported editors, and loading them back for `evaluate.py ckpt=`.
 
-editor.yaml records what is needed to rebuild the network (its config), which model it was
-trained on (name, path, a digest of the edited weights, the edited parameter names) and on
-which data (name and a digest of the training files). Loading onto another model fails with
-an error that names both.
+Two kinds of trained editor share one layout, a folder with `editor.yaml`:
+- hypernetwork editors (MEND, KE): `editor.safetensors` holds the network; editor.yaml its
+  config (`network`) and the edited weights' digest;
+- calibrated editors (WISE, UnKE): `state.pt` holds what the editor cached (preservation
+  activations, preserved keys); editor.yaml the editor's config (`config`) with the calibrated
+  values written in, the whole model's fingerprint, and the calibration's figures.
+Both record the model (name, path, digest), the data (name, digest of the training files) and
+the training run. Loading onto another model fails with an error that names both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
@@ -23,7 +29,7 @@ from lalms.base import LALM
 
 log = logging.getLogger(__name__)
 
-WEIGHTS, INFO = "editor.safetensors", "editor.yaml"
+INFO, WEIGHTS, STATE = "editor.yaml", "editor.safetensors", "state.pt"
 
 
 class EditorModelMismatch(ValueError):
@@ -33,13 +39,37 @@ class EditorModelMismatch(ValueError):
 def model_info(network: HyperNetwork) -> dict[str, Any]:
     lalm = network.lalm
     return {
+        **lalm_info(lalm, network.fingerprint()),
+        "edited_parameters": list(network.param_names),
+        "edited_shapes": [list(s) for s in network.shapes],
+    }
+
+
+def lalm_info(lalm: LALM, fingerprint: str | None = None) -> dict[str, Any]:
+    """The model an editor was trained on; `fingerprint` defaults to the whole model's."""
+    return {
         "name": lalm.name,
         "family": type(lalm).__name__,
         "path": str(getattr(lalm.model.config, "_name_or_path", "")),
-        "edited_parameters": list(network.param_names),
-        "edited_shapes": [list(s) for s in network.shapes],
-        "fingerprint": network.fingerprint(),
+        "fingerprint": fingerprint or lalm.fingerprint(),
     }
+
+
+def _write(out_dir: str | Path, info: Mapping[str, Any], write_state: Callable[[Path], None]) -> Path:
+    """Write an export atomically; an existing one moves to `<out_dir>.previous`."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_state(tmp)
+    (tmp / INFO).write_text(yaml.safe_dump(dict(info), sort_keys=False), encoding="utf-8")
+    if out.exists():
+        previous = out.with_name(out.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        out.rename(previous)
+        log.info("kept the earlier export at %s", previous)
+    tmp.rename(out)
+    return out
 
 
 def save_editor(
@@ -50,13 +80,8 @@ def save_editor(
     data: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the editor to `out_dir` atomically; an existing export moves to `<out_dir>.previous`."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Export a hypernetwork editor."""
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(state, tmp / WEIGHTS)
     info = {
         "editor": editor,
         "network": dict(network_cfg),
@@ -64,41 +89,83 @@ def save_editor(
         "data": dict(data or {}),
         "training": dict(training or {}),
     }
-    (tmp / INFO).write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
-    if out.exists():
-        previous = out.with_name(out.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        out.rename(previous)
-        log.info("kept the earlier export at %s", previous)
-    tmp.rename(out)
-    return out
+    return _write(out_dir, info, lambda tmp: save_file(state, tmp / WEIGHTS))
+
+
+def save_calibrated(
+    editor: Any,
+    config: Mapping[str, Any],
+    out_dir: str | Path,
+    name: str,
+    data: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export a calibrated editor: `config` (with the calibrated values) rebuilds it, and its
+    `state_dict()` (tensors, tuples, dicts, numbers) restores what it cached."""
+    info = {
+        "editor": name,
+        "config": dict(config),
+        "model": lalm_info(editor.lalm),
+        "data": dict(data or {}),
+        "training": dict(training or {}),
+        "calibration": dict(calibration or {}),
+    }
+    state = editor.state_dict()
+    return _write(out_dir, info, lambda tmp: torch.save(state, tmp / STATE))
 
 
 def read_info(ckpt: str | Path) -> dict[str, Any]:
     path = Path(ckpt)
-    for name in (INFO, WEIGHTS):
-        if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"{path}: not an exported editor (no {name}); train one with train.py editor=..."
+    if not (path / INFO).is_file():
+        raise FileNotFoundError(
+            f"{path}: not an exported editor (no {INFO}); train one with train.py editor=..."
+        )
+    info = yaml.safe_load((path / INFO).read_text(encoding="utf-8"))
+    if not isinstance(info, dict) or not ({"network", "config"} & set(info)):
+        raise ValueError(
+            f"{path / INFO}: neither `network` (a hypernetwork) nor `config` (a calibrated editor)"
+        )
+    state = WEIGHTS if "network" in info else STATE
+    if not (path / state).is_file():
+        raise FileNotFoundError(f"{path}: the export has {INFO} but no {state}")
+    return info
+
+
+def export_digest(ckpt: str | Path) -> str:
+    """A digest of an export's files: a retrained or recalibrated editor is another run."""
+    info = read_info(ckpt)
+    h = hashlib.sha256()
+    for name in (INFO, WEIGHTS if "network" in info else STATE):
+        h.update((Path(ckpt) / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _check(ckpt: str | Path, info: Mapping[str, Any], here: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    trained = info["model"]
+    for key in keys:
+        if here[key] != trained[key]:
+            raise EditorModelMismatch(
+                f"{ckpt}: this {info['editor']} editor was trained on model {trained['name']!r} "
+                f"({trained['path']}, weights {trained['fingerprint']}), but the loaded model is "
+                f"{here['name']!r} ({here['path']}, weights {here['fingerprint']}): "
+                f"{key.replace('_', ' ')} differ. Load the model it was trained on (model=...); "
+                f"from Python, load_editor(..., check_model=False) skips this check."
             )
-    return yaml.safe_load((path / INFO).read_text(encoding="utf-8"))
 
 
-def load_editor(ckpt: str | Path, lalm: LALM, check_model: bool = True) -> HypernetEditor:
+def load_editor(ckpt: str | Path, lalm: LALM, check_model: bool = True) -> Any:
     """Rebuild an exported editor on `lalm`; raises EditorModelMismatch for another model."""
     info = read_info(ckpt)
-    trained = info["model"]
-    network: HyperNetwork = instantiate(info["network"], lalm=lalm)
-    here = model_info(network)
-    if check_model:
-        for key in ("edited_parameters", "edited_shapes", "fingerprint"):  # fingerprint: the weights
-            if here[key] != trained[key]:
-                raise EditorModelMismatch(
-                    f"{ckpt}: this {info['editor']} editor was trained on model {trained['name']!r} "
-                    f"({trained['path']}, edited weights {trained['fingerprint']}), but the loaded model is "
-                    f"{here['name']!r} ({here['path']}, edited weights {here['fingerprint']}): "
-                    f"{key.replace('_', ' ')} differ. Load the model it was trained on (model=...); "
-                    f"from Python, load_editor(..., check_model=False) skips this check."
-                )
-    network.load_state_dict(load_file(str(Path(ckpt) / WEIGHTS), device=str(lalm.device)))
-    return HypernetEditor(network)
+    path = Path(ckpt)
+    if "network" in info:
+        network: HyperNetwork = instantiate(info["network"], lalm=lalm)
+        if check_model:  # fingerprint: the edited weights
+            _check(ckpt, info, model_info(network), ("edited_parameters", "edited_shapes", "fingerprint"))
+        network.load_state_dict(load_file(str(path / WEIGHTS), device=str(lalm.device)))
+        return HypernetEditor(network)
+    if check_model:  # fingerprint: the whole model (the cached state depends on every layer below)
+        _check(ckpt, info, lalm_info(lalm), ("fingerprint",))
+    editor = instantiate(info["config"], lalm=lalm)
+    editor.load_state_dict(torch.load(path / STATE, map_location=lalm.device, weights_only=True))
+    return editor

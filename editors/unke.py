@@ -11,13 +11,15 @@ The block runs through the model's own code: a forward pre-hook records the argu
 model passes to it (hidden states, attention mask, position embeddings, ... whatever the family
 uses), and stage 2 calls the block with them via `torch.func.functional_call`. No masks are
 built by hand, and the layers above are never run in stage 2. The preservation inputs' block
-arguments and original outputs are computed once (the preserved keys). The trained block is
+arguments and original outputs are computed once (the preserved keys; `train.py editor=unke`
+exports them with its calibration of stage 1's rate, step count and norm bound). The trained block is
 written in place behind a `WeightSnapshot`, so undo is bitwise and sequential edits accumulate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,12 +27,21 @@ import torch.nn.functional as F
 
 from editors.base import EditRequest, WeightSnapshot
 from editors.preservation import preservation_prompts
-from lalms.base import IGNORE_INDEX, LALM, answer_nll
+from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits
 
 
 def hidden(output: Any) -> torch.Tensor:
     """A decoder layer's output hidden states (layers return a tensor or a tuple, by version)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class KeySearch:
+    """Stage 1's trace: the first step at which the delta made greedy decoding produce the
+    target (None: never), and |delta| / |h| then. `train.py editor=unke` calibrates on these."""
+
+    solved_at: int | None = None
+    norm: float | None = None
 
 
 class _Stop(Exception):
@@ -64,9 +75,7 @@ class UnKE:
         self.path = lalm.edit_sites.resolve(f"llm.layers.{layer}")
         self.block = lalm.model.get_submodule(self.path)
         self.param_names = [f"{self.path}.{n}" for n, _ in self.block.named_parameters()]
-        self.preservation = preservation_prompts(
-            preservation_root, audio_root, n_text, n_audio, lalm.sampling_rate
-        )
+        self._preservation = (preservation_root, audio_root, n_text, n_audio)
         self._preserved: tuple[tuple, dict, torch.Tensor, torch.Tensor] | None = None
         self.target_norms: list[float] = []  # |delta| / |h| of each edit's stage-1 target, for reports
         lalm.model.requires_grad_(False)  # only the editor's own copies are trained
@@ -101,18 +110,41 @@ class UnKE:
         """The preservation batch's block args, kwargs, original outputs and real-position mask
         (padding positions are left out of the loss)."""
         if self._preserved is None:
-            batch = self.lalm.to_device(self.lalm.encode(self.preservation))
+            root, audio_root, n_text, n_audio = self._preservation
+            prompts = preservation_prompts(root, audio_root, n_text, n_audio, self.lalm.sampling_rate)
+            batch = self.lalm.to_device(self.lalm.encode(prompts))
             args, kwargs, out = self.block_call(batch)
             self._preserved = (args, kwargs, out, batch["attention_mask"].bool())
         return self._preserved
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a calibrated export keeps: the preserved keys (the block's recorded call on the
+        preservation inputs and its original outputs)."""
+        args, kwargs, out, mask = self.preserved()
+        return {"args": args, "kwargs": kwargs, "out": out, "mask": mask}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._preserved = (tuple(state["args"]), dict(state["kwargs"]), state["out"], state["mask"])
+
     # ------------------------------------------------------------------ the two stages
-    def target_state(self, batch: dict[str, torch.Tensor], pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1: (original state, target state) of the block's output at `pos` of row 0."""
+    def target_state(
+        self,
+        batch: dict[str, torch.Tensor],
+        pos: int,
+        lr: float | None = None,
+        steps: int | None = None,
+        clamp_norm: float | None = None,
+        until_solved: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, KeySearch]:
+        """Stage 1: (original state, target state, the search's trace) of the block's output at
+        `pos` of row 0; `lr`, `steps` and `clamp_norm` default to the editor's. `until_solved`
+        stops at the first step whose delta makes greedy decoding give the target."""
+        lr, steps = lr or self.key_lr, steps or self.key_steps
         original = self.block_call(batch)[2][0, pos]
         delta = torch.zeros_like(original, requires_grad=True)
-        optimizer = torch.optim.Adam([delta], lr=self.key_lr)
-        limit = self.clamp_norm * original.norm()
+        optimizer = torch.optim.Adam([delta], lr=lr)
+        limit = (clamp_norm or self.clamp_norm) * original.norm()
+        trace = KeySearch()
 
         def add(module, args, output):
             h = hidden(output).clone()
@@ -122,11 +154,13 @@ class UnKE:
         hook = self.block.register_forward_hook(add)
         try:
             with torch.enable_grad():
-                for _ in range(self.key_steps):
-                    loss = (
-                        answer_nll(self.lalm.logits(batch), batch["labels"])
-                        + self.key_wd * delta.pow(2).sum()
-                    )
+                for step in range(steps):
+                    logits = self.lalm.logits(batch)
+                    if trace.solved_at is None and bool(greedy_hits(logits, batch["labels"]).all()):
+                        trace.solved_at, trace.norm = step, float(delta.norm() / original.norm())
+                        if until_solved:
+                            break
+                    loss = answer_nll(logits, batch["labels"]) + self.key_wd * delta.pow(2).sum()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -135,12 +169,12 @@ class UnKE:
                             delta.mul_(limit / delta.norm())
         finally:
             hook.remove()
-        return original, (original + delta).detach()
+        return original, (original + delta).detach(), trace
 
     def apply(self, request: EditRequest) -> WeightSnapshot:
         batch = self.lalm.to_device(self.lalm.encode([request.prompt], [request.target]))
         pos = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1  # last prompt position
-        original, target = self.target_state(batch, pos)
+        original, target, _ = self.target_state(batch, pos)
         self.target_norms.append(float((target - original).norm() / original.norm()))
         args, kwargs, _ = self.block_call(batch)
         p_args, p_kwargs, p_out, p_mask = self.preserved()

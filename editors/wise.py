@@ -9,17 +9,22 @@ where a_t is the down-projection's input at position t. The relevant positions a
 rows when the prompt has audio (an auditory edit is about what the clip sounds like; the chat
 scaffolding and question words are shared with every other prompt and would pull every
 distance together), and all real (non-padding) positions of a text-only prompt. At inference
-each sample of a batch is routed on its own: it uses W' when d(x) exceeds
-`act_ratio` times the smallest in-scope distance seen while editing, else W. The decision is
-taken on the full prompt and kept while generating.
+each sample of a batch is routed on its own: it uses W' when d(x) exceeds `act_ratio` times the
+smallest distance of the applied edits' prompts under the current W'. The decision is taken on
+the full prompt and kept while generating.
 
-An edit trains W' (Adam) on a random `mask_ratio` share of its entries (gradient mask, one mask
-per edit, as WISE's knowledge shards) with the target's NLL, the edit prompt running through
-W', plus margins on d: out-of-scope (preservation inputs from the train split) below `alpha`,
+An edit trains a memory (Adam) on a random `mask_ratio` share of its entries (a gradient mask
+per edit, WISE's knowledge sharding) with the target's NLL, the edit prompt running through it,
+plus margins on d: out-of-scope (preservation inputs from the train split) below `alpha`,
 in-scope above `beta`, in-scope above out-of-scope by `gamma`. The preservation inputs'
-activations at the layer do not depend on W', so they are computed once. Sequential edits keep
-training the same side memory; `undo` restores W' and the threshold exactly and removes the
-routing hook when no edit is left.
+activations at the layer do not depend on W', so they are computed once (and exported with a
+calibrated editor: `train.py editor=wise`).
+
+Edits are dealt round-robin to `shards` memories W + tau_j, each trained on its own edits;
+W' = W + the TIES merge of the tau_j (trim each to its `merge_density` largest entries, elect a
+sign per entry by the summed mass, average the entries that agree with it). With one shard
+(SAKE's sequences of 10 fit in one) W' is that shard. `undo` restores the touched shard, W' and
+the edit list exactly, and removes the routing hooks when no edit is left.
 """
 
 from __future__ import annotations
@@ -41,13 +46,32 @@ def relevant(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_
     return torch.where(audio.any(-1, keepdim=True), audio, attention_mask.bool())
 
 
-def distances(x: torch.Tensor, delta_w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def activation_distance(x: torch.Tensor, delta_w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """d per sample: mean over masked positions of ||x_t delta_w^T||; x (B, T, d_in), mask (B, T)."""
     norms = F.linear(x, delta_w).norm(dim=-1)  # (B, T)
     if mask is None or mask.shape != norms.shape:
         return norms.mean(-1)
     mask = mask.to(norms.dtype)
     return (norms * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def ties_merge(deltas: Sequence[torch.Tensor], density: float = 1.0) -> torch.Tensor:
+    """TIES merge of task vectors: trim, elect a sign per entry, average the agreeing entries."""
+    active = [t for t in deltas if bool(t.any())]
+    if not active:
+        return torch.zeros_like(deltas[0])
+    if len(active) == 1:
+        return active[0].clone()
+    trimmed = []
+    for t in active:
+        magnitude = t.abs()
+        keep = max(1, round(density * int((magnitude > 0).sum())))
+        cut = magnitude.flatten().topk(keep).values[-1]
+        trimmed.append(torch.where(magnitude >= cut, t, torch.zeros_like(t)))
+    stack = torch.stack(trimmed)
+    sign = stack.sum(0).sign()
+    agree = (stack.sign() == sign) & (stack != 0)
+    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 class WISE:
@@ -66,22 +90,28 @@ class WISE:
         beta: float = 20.0,
         gamma: float = 10.0,
         act_ratio: float = 0.88,
+        shards: int = 1,
+        merge_density: float = 1.0,
         seed: int = 0,
     ) -> None:
+        if shards < 1 or not 0 < merge_density <= 1:
+            raise ValueError(
+                f"WISE: shards must be >= 1 and merge_density in (0, 1], got {shards}, {merge_density}"
+            )
         self.lalm, self.lr, self.steps, self.mask_ratio = lalm, lr, steps, mask_ratio
         self.alpha, self.beta, self.gamma, self.act_ratio, self.seed = alpha, beta, gamma, act_ratio, seed
+        self.merge_density = merge_density
         self.path = lalm.edit_sites.llm_mlp(layer, "down_proj")
         self.module = lalm.model.get_submodule(self.path)
-        self.side = self.module.weight.detach().clone()
-        self.in_scope: list[float] = []  # in-scope distances of the applied edits, in order
-        self.preservation = preservation_prompts(
-            preservation_root, audio_root, n_text, n_audio, lalm.sampling_rate
-        )
+        weight = self.module.weight.detach()
+        self.side = weight.clone()  # W' = W + the merged shards
+        self.shards = [torch.zeros_like(weight) for _ in range(shards)]  # tau_j
+        self._edits: list[torch.Tensor] = []  # each edit prompt's activations at its relevant rows
+        self._preservation = (preservation_root, audio_root, n_text, n_audio)
         self._out_x: tuple[torch.Tensor, torch.Tensor] | None = None  # preservation activations, mask
-        self._mask: torch.Tensor | None = None  # attention mask of the batch being run
+        self._mask: torch.Tensor | None = None  # relevant positions of the batch being run
         self._route: torch.Tensor | None = None  # per-sample decision, kept while generating
         self._hooks: list = []
-        self._applied = 0
         lalm.model.requires_grad_(False)  # only the editor's own copies are trained
 
     # ------------------------------------------------------------------ activations
@@ -103,21 +133,50 @@ class WISE:
     ) -> dict[str, torch.Tensor]:
         return self.lalm.to_device(self.lalm.encode(prompts, answers))
 
+    def activations(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's inputs for `prompts` (W' does not change them) and their relevant positions."""
+        batch = self._encode(prompts)
+        with torch.no_grad():
+            _, x = self._forward(batch)
+        return x.detach(), self.positions(batch["input_ids"], batch["attention_mask"])
+
     def out_of_scope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The preservation inputs' activations at the layer (its input: W' does not change them)."""
+        """The preservation inputs' activations, computed on first use (or loaded)."""
         if self._out_x is None:
-            batch = self._encode(self.preservation)
-            with torch.no_grad():
-                _, x = self._forward(batch)
-            self._out_x = (x.detach(), self.positions(batch["input_ids"], batch["attention_mask"]))
+            root, audio_root, n_text, n_audio = self._preservation
+            prompts = preservation_prompts(root, audio_root, n_text, n_audio, self.lalm.sampling_rate)
+            self._out_x = self.activations(prompts)
         return self._out_x
+
+    def distances(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """d of each prompt under the current side memory."""
+        x, mask = self.activations(prompts)
+        return activation_distance(x, self.side - self.module.weight, mask)
+
+    @property
+    def in_scope(self) -> list[float]:
+        """d of each applied edit's prompt under the current side memory, in order."""
+        delta = self.side - self.module.weight
+        return [float(activation_distance(x, delta, None)[0]) for x in self._edits]
 
     @property
     def threshold(self) -> float:
-        return self.act_ratio * min(self.in_scope) if self.in_scope else float("inf")
+        return self.act_ratio * min(self.in_scope) if self._edits else float("inf")
+
+    # ------------------------------------------------------------------ export
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a calibrated export keeps: the preservation activations."""
+        x, mask = self.out_of_scope()
+        return {"out_x": x.cpu(), "out_mask": mask.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.module.weight.device
+        self._out_x = (state["out_x"].to(device), state["out_mask"].to(device))
 
     # ------------------------------------------------------------------ routing
     def _install_hooks(self) -> None:
+        threshold = self.threshold  # fixed until the next edit or undo
+
         def keep_mask(module, args):  # the token ids reach the embedding in forward and generate alike
             ids = args[0]
             if ids.shape[1] > 1:  # a whole prompt (generation's later steps feed one token)
@@ -127,8 +186,8 @@ class WISE:
             x = args[0]
             side = F.linear(x, self.side.to(x.dtype), module.bias)
             if x.shape[1] > 1 or self._route is None or self._route.shape[0] != x.shape[0]:
-                d = distances(x, (self.side - module.weight).to(x.dtype), self._mask)
-                self._route = d > self.threshold
+                d = activation_distance(x, (self.side - module.weight).to(x.dtype), self._mask)
+                self._route = d > threshold
             return torch.where(self._route[:, None, None], side, out)
 
         self._hooks = [
@@ -150,20 +209,22 @@ class WISE:
     # ------------------------------------------------------------------ editing
     def apply(self, request: EditRequest) -> WiseEdit:
         out_x, out_mask = self.out_of_scope()
-        before = (self.side.clone(), list(self.in_scope))
-        self._remove_hooks()  # the edit prompt trains through W' directly
-        g = torch.Generator().manual_seed(self.seed + self._applied)
-        grad_mask = (torch.rand(self.side.shape, generator=g) < self.mask_ratio).to(self.side.device)
-        side = self.side.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([side], lr=self.lr)
+        n = len(self._edits)
+        shard = n % len(self.shards)
+        before = (shard, self.shards[shard].clone(), self.side.clone(), n)
+        self._remove_hooks()  # the edit prompt trains through its shard's memory directly
+        g = torch.Generator().manual_seed(self.seed + n)
+        weight = self.module.weight.detach()
+        grad_mask = (torch.rand(weight.shape, generator=g) < self.mask_ratio).to(weight.device)
+        memory = (weight + self.shards[shard]).requires_grad_(True)
+        optimizer = torch.optim.Adam([memory], lr=self.lr)
         batch = self._encode([request.prompt], [request.target])
         in_mask = self.positions(batch["input_ids"], batch["attention_mask"])
-        weight = self.module.weight.detach()
         with torch.enable_grad():
             for _ in range(self.steps):
-                logits, x_in = self._forward(batch, {f"{self.path}.weight": side})
-                d_in = distances(x_in, side - weight, in_mask)
-                d_out = distances(out_x, side - weight, out_mask)
+                logits, x_in = self._forward(batch, {f"{self.path}.weight": memory})
+                d_in = activation_distance(x_in, memory - weight, in_mask)
+                d_out = activation_distance(out_x, memory - weight, out_mask)
                 loss = answer_nll(logits, batch["labels"]) + (
                     F.relu(d_out - self.alpha).mean()
                     + F.relu(self.beta - d_in).mean()
@@ -171,30 +232,33 @@ class WISE:
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                side.grad *= grad_mask
+                memory.grad *= grad_mask
                 optimizer.step()
-        self.side = side.detach()
+        self.shards[shard] = memory.detach() - weight
+        self.side = weight + ties_merge(self.shards, self.merge_density)
         with torch.no_grad():
             _, x = self._forward(batch)
-            self.in_scope.append(float(distances(x, self.side - weight, in_mask)[0]))
-        self._applied += 1
+        self._edits.append(x.detach()[0, in_mask[0]][None])
         self._install_hooks()
         return WiseEdit(self, before)
 
 
 class WiseEdit:
-    """Undo restores the side memory and the in-scope distances as they were before the edit."""
+    """Undo restores the touched shard, the side memory and the edit list as they were."""
 
-    def __init__(self, wise: WISE, before: tuple[torch.Tensor, list[float]]) -> None:
+    def __init__(self, wise: WISE, before: tuple[int, torch.Tensor, torch.Tensor, int]) -> None:
         self.wise, self.before, self.done = wise, before, False
 
     def undo(self) -> None:
         if self.done:
             raise RuntimeError("this edit was already undone")
         w = self.wise
-        w.side, w.in_scope = self.before
-        w._applied -= 1
+        shard, tau, side, n = self.before
+        if len(w._edits) != n + 1:
+            raise RuntimeError("WISE edits are undone in reverse order")
+        w.shards[shard], w.side = tau, side
+        del w._edits[n:]
         w._remove_hooks()
-        if w._applied:
+        if w._edits:
             w._install_hooks()
         self.done = True

@@ -42,13 +42,34 @@ def _sequential(m: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _flat(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items() if not isinstance(v, Mapping | list))
+
+
+def _settings(m: Mapping[str, Any]) -> list[str]:
+    """The editor's config and, for a trained editor, what its training chose (and held-out figures)."""
+    editor = m.get("editor") or {}
+    lines = []
+    if editor.get("config"):
+        lines.append(f"- config: {_flat(editor['config'])}")
+    calibration = editor.get("calibration") or {}
+    if calibration.get("chosen"):
+        held_out, n = calibration.get("val") or {}, calibration.get("train_edits", "?")
+        line = f"- calibrated on {n} train edits: {_flat(calibration['chosen'])}"
+        if held_out:
+            line += f" (held out, {held_out.get('edits', '?')} edits: {_flat(held_out)})"
+        lines.append(line)
+    return lines
+
+
 def summary(m: Mapping[str, Any]) -> str:
     """The headline: the Table 2 row of this run and, if run, the sequential table."""
     editor = m.get("run", {}).get("editor", "?")
     lines = _table(["Editor", *HEADERS.values()], [[editor, *(_pct(m["overall"].get(k)) for k in METRICS)]])
     if m.get("sequential"):
         lines += ["", *_sequential(m)]
-    return "\n".join(lines) + "\n"
+    calibrated = [line for line in _settings(m) if line.startswith("- calibrated")]
+    return "\n".join(lines + calibrated) + "\n"
 
 
 def markdown(m: Mapping[str, Any]) -> str:
@@ -77,6 +98,8 @@ def markdown(m: Mapping[str, Any]) -> str:
         m["seconds_per_edit"],
         m.get("seconds_total", {}),
     )
+    if _settings(m):
+        lines += ["", "## Editor settings", "", *_settings(m)]
     lines += ["", "## Degenerate outputs and judge failures", ""]
     seq_deg = ", ".join(f"gap {g}: {n}" for g, n in deg["sequential"].items())
     lines += [

@@ -303,3 +303,11 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
     if reduction == "mean":
         return per_example.mean()
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def greedy_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) whether every answer token (and the turn end) of each row is the argmax: exactly
+    when greedy decoding produces the answer."""
+    answer = labels[:, 1:] != IGNORE_INDEX
+    hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | ~answer
+    return hit.all(-1)

@@ -1,7 +1,8 @@
-"""What every LightningModule around an LALM shares."""
+"""What every LightningModule around an LALM shares, and the export of trained editors."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,3 +25,38 @@ class LALMModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch
+
+
+class ExportEditor(L.Callback):
+    """At the end of training, rank 0 exports the editor (the module's `export`) to `out_dir`.
+
+    Every trained editor (MEND and KE's networks, WISE and UnKE's calibrations) exports to the
+    same layout, so `evaluate.py ckpt=<out_dir>` loads each alike.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not hasattr(pl_module, "export"):
+            raise TypeError(f"ExportEditor: {type(pl_module).__name__} has no export(out_dir, trainer)")
+        if trainer.is_global_zero:
+            pl_module.export(self.out_dir, trainer)
+
+
+def data_info(trainer: L.Trainer) -> dict[str, Any]:
+    """The training data an export records: its name and a digest of its files."""
+    datamodule = trainer.datamodule
+    data = {"name": getattr(datamodule, "name", None)}
+    if hasattr(datamodule, "fingerprint"):
+        data["fingerprint"] = datamodule.fingerprint()
+    return data
+
+
+def run_info(trainer: L.Trainer) -> dict[str, Any]:
+    """The training run an export records: its step, scalar metrics and folder."""
+    return {
+        "global_step": trainer.global_step,
+        "metrics": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        "run_dir": str(trainer.default_root_dir),
+    }

@@ -40,8 +40,9 @@ from datamodules.examples import EditExample
 from editors.base import EditRequest
 from editors.checkpoint import save_editor
 from editors.hypernet import HyperNetwork, per_row_nll
-from lalms.base import IGNORE_INDEX, LALM
+from lalms.base import IGNORE_INDEX, LALM, greedy_hits
 from lalms.prompt import Prompt
+from lit_modules.base import data_info, run_info
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
 
         out: dict[str, torch.Tensor] = {"edit_loss": per_row_nll(post[edited], labels[edited]).mean()}
         answer = answer_positions(labels)
-        hit = (post[:, :-1].argmax(-1) == labels[:, 1:]) | ~answer
-        success = hit.all(-1).float()
+        success = greedy_hits(post, labels).float()
         for k in ("edit", "text_equiv", "audio_equiv"):
             if len(rows[k]):
                 out[f"success_{k}"] = success[rows[k]].mean()
@@ -228,49 +228,29 @@ class HypernetModule(L.LightningModule, abc.ABC):
             self.val_metrics[k].update(v.detach(), weight=len(examples))
             self.log(f"val/{k}", self.val_metrics[k], on_step=False, on_epoch=True)
 
-
-class ExportEditor(L.Callback):
-    """At the end of training, export the editor for `evaluate.py ckpt=` (rank 0).
-
-    The exported weights are the best validation checkpoint's when a ModelCheckpoint monitors
-    one, else the final ones.
-    """
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = Path(out_dir)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, HypernetModule):
-            raise TypeError(f"ExportEditor exports hypernetwork editors, not {type(pl_module).__name__}")
-        best = (
-            getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        )
-        if not trainer.is_global_zero:
-            return
+    def export(self, out_dir: Path, trainer: L.Trainer) -> Path:
+        """Write the network for `evaluate.py ckpt=` (rank 0): the best validation checkpoint's
+        weights when a ModelCheckpoint monitors one, else the final ones."""
+        monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+        best = monitoring[0].best_model_path if monitoring else ""
         state, source = None, "final weights"
         if best and Path(best).is_file():
             ckpt = torch.load(best, map_location="cpu", weights_only=False)
             state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-            source = f"{best} (val/success_edit {float(trainer.checkpoint_callback.best_model_score):.4f})"
-        net = pl_module.net
+            score = float(monitoring[0].best_model_score)
+            source = f"{best} ({monitoring[0].monitor} {score:.4f})"
+        net = self.net
         if state is not None:
             current = {k: v.detach().clone() for k, v in net.state_dict().items()}
             net.load_state_dict(state)
-        datamodule = trainer.datamodule
-        data = {"name": getattr(datamodule, "name", None)}
-        if hasattr(datamodule, "fingerprint"):
-            data["fingerprint"] = datamodule.fingerprint()
-        training = {
-            "global_step": trainer.global_step,
-            "weights": source,
-            "metrics": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-            "run_dir": str(trainer.default_root_dir),
-        }
-        editor = type(net).__name__.lower()
-        out = save_editor(net, pl_module.network_cfg, self.out_dir, editor, data, training)
+        training = {**run_info(trainer), "weights": source}
+        out = save_editor(
+            net, self.network_cfg, out_dir, type(net).__name__.lower(), data_info(trainer), training
+        )
         if state is not None:
             net.load_state_dict(current)
-        log.info("exported the %s editor (%s) to %s", editor, source, out)
+        log.info("exported the %s editor (%s) to %s", type(net).__name__, source, out)
+        return out
 
 
 class RecordSeenInstances(L.Callback):

@@ -14,7 +14,8 @@ import yaml
 from datamodules import SakeDataModule
 from editors.checkpoint import EditorModelMismatch, load_editor
 from lalms import Qwen2Audio
-from lit_modules.hypernet import ExportEditor, MetaBatch
+from lit_modules.base import ExportEditor
+from lit_modules.hypernet import MetaBatch
 from lit_modules.ke import KEModule
 from lit_modules.mend import MENDModule
 

@@ -1,0 +1,196 @@
+"""Fitting the settings of editors that are not meta-trained (WISE, UnKE) on SAKE's train split.
+
+Such an editor has no network to train, but its settings decide how well it edits (WISE's
+routing threshold and margins, UnKE's key search). A CalibrationModule runs the editor over the
+train split's edits on the same Trainer, DataModule (DDP sharding, resume) and TensorBoard
+logging as the hypernetwork editors:
+- `training_step` edits each train instance with every candidate setting, records what the
+  choice depends on (one JSON-able dict per edit and candidate) and undoes the edit;
+- at the start of validation the records of all ranks are gathered and `choose` picks the
+  settings from them; `validation_step` runs the validation split's edits under them (and under
+  whatever the subclass compares them with) and records the outcome;
+- at the end of validation `score` summarises the held-out figures, which are logged and go
+  into the export with the chosen values (`ExportEditor` -> `export`), so that
+  `evaluate.py ckpt=` builds the editor with them and reports them.
+Nothing is optimised by gradient. The records are module state saved in Lightning checkpoints,
+so a run resumed from `last.ckpt` keeps the edits already done.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.examples import EditExample
+from editors.checkpoint import save_calibrated
+from lalms.base import LALM
+from lit_modules.base import data_info, run_info
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+
+
+class CalibrationModule(L.LightningModule, abc.ABC):
+    def __init__(self, lalm: LALM, editor: DictConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.lalm = lalm  # not a submodule: the base model stays out of checkpoints
+        lalm.model.requires_grad_(False)
+        self.editor_cfg: dict[str, Any] = (
+            OmegaConf.to_container(editor, resolve=True) if isinstance(editor, DictConfig) else dict(editor)
+        )
+        self.records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        self.chosen: dict[str, Any] | None = None  # the calibrated values
+        self.summary: dict[str, Any] = {}  # figures behind the choice, exported with it
+        # DDP wraps a module only if it has a trainable parameter; calibration has none to train.
+        self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def build(self, **overrides: Any) -> Any:
+        """The editor of the config with `overrides`, on this module's model."""
+        return instantiate({**self.editor_cfg, **overrides}, lalm=self.lalm)
+
+    # ------------------------------------------------------------------ what subclasses define
+    @abc.abstractmethod
+    def record(self, examples: Sequence[EditExample], split: str) -> list[dict[str, Any]]:
+        """Edit each example (under the candidates, or under the chosen values for `val`) and
+        return one record per edit; every edit is undone."""
+
+    @abc.abstractmethod
+    def choose(self, train: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the calibrated config values, figures behind them) from the train records."""
+
+    @abc.abstractmethod
+    def score(self, val: list[dict[str, Any]]) -> dict[str, float]:
+        """Held-out figures of the chosen values from the validation records."""
+
+    @abc.abstractmethod
+    def exported_editor(self) -> Any:
+        """The editor under the chosen values whose cached state is exported."""
+
+    # ------------------------------------------------------------------ the loop
+    def on_fit_start(self) -> None:
+        if self.lalm.device != self.device:
+            self.lalm.model.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.on_fit_start()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # prompts with numpy audio; the adapter encodes and moves them
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # A no-op optimiser (the anchor never gets a gradient): stepping it counts the batch in
+        # global_step, which drives step-based checkpoints (resume), logging and max_steps.
+        return torch.optim.SGD([self.ddp_anchor], lr=0.0)
+
+    def training_step(self, examples: list[EditExample], batch_idx: int) -> None:
+        self.optimizers().step()
+        records = self.record(examples, "train")
+        self.records["train"].extend(records)
+        logs = self.step_logs(records)
+        if logs:
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=len(examples))
+
+    def step_logs(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Scalars to log per training step (e.g. the running success rate)."""
+        return {}
+
+    def gathered(self, split: str) -> list[dict[str, Any]]:
+        """The records of every rank."""
+        mine = self.records[split]
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return list(mine)
+        parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, mine)
+        return [r for part in parts for r in part]
+
+    def calibrate(self) -> None:
+        train = self.gathered("train")
+        if not train:
+            raise RuntimeError(
+                f"{type(self).__name__}: no training edits were recorded; nothing to calibrate"
+            )
+        self.chosen, self.summary = self.choose(train)
+        self.summary["train_edits"] = len({r["edit"] for r in train})
+        log.info("calibrated %s on %d train edits", self.chosen, self.summary["train_edits"])
+
+    def on_train_epoch_start(self) -> None:
+        self.chosen = None
+
+    def on_train_epoch_end(self) -> None:
+        if self.chosen is None:  # no validation ran this epoch (no split, or limit_val_batches=0)
+            self.calibrate()
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.records["val"] = []  # a resumed run repeats its validation from the start
+            self.calibrate()
+
+    def validation_step(self, examples: list[EditExample], batch_idx: int) -> None:
+        if self.trainer.sanity_checking or self.chosen is None:
+            return
+        with torch.inference_mode(False):  # editing needs autograd
+            self.records["val"].extend(self.record(examples, "val"))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.chosen is None:
+            return
+        val = self.gathered("val")
+        if val:
+            held_out = self.score(val)
+            self.summary["val"] = {**held_out, "edits": len({r["edit"] for r in val})}
+            self.log_dict({f"val/{k}": float(v) for k, v in held_out.items()}, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["calibration_records"] = self.records
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.records = checkpoint.get("calibration_records", {s: [] for s in SPLITS})
+
+    def export(self, out_dir: Path, trainer: L.Trainer) -> Path:
+        if self.chosen is None:
+            raise RuntimeError("export before calibration: the training epoch did not finish")
+        config = {**self.editor_cfg, **self.chosen}
+        name = self.editor_name
+        out = save_calibrated(
+            self.exported_editor(), config, out_dir, name, data_info(trainer), run_info(trainer),
+            {"chosen": self.chosen, **self.summary},
+        )  # fmt: skip
+        log.info("exported the calibrated %s editor (%s) to %s", name, self.chosen, out)
+        return out
+
+    @property
+    def editor_name(self) -> str:
+        return self.editor_cfg["_target_"].rsplit(".", 1)[-1].lower()
+
+
+def edit_key(example: EditExample) -> str:
+    inst = example.instance
+    return f"{Path(inst.source).name}:{inst.index}"
+
+
+def best_threshold(inside: torch.Tensor, outside: torch.Tensor, below: float = 1.0) -> tuple[float, float]:
+    """(t, balanced accuracy) of the threshold t < `below` that best separates values that should
+    exceed it (`inside`) from values that should not (`outside`): the mean of the share of
+    `inside` above t and the share of `outside` at or below t. Ties go to the smallest t."""
+    inside, outside = inside.double().sort().values, outside.double().sort().values
+    values = torch.cat([inside, outside, torch.zeros(1, dtype=torch.double)]).unique()
+    candidates = torch.cat([values[:1], (values[1:] + values[:-1]) / 2])
+    candidates = candidates[candidates < below]
+    if not len(candidates):
+        candidates = torch.zeros(1, dtype=torch.double)
+    above_in = 1 - torch.searchsorted(inside, candidates, right=True) / max(len(inside), 1)
+    below_out = torch.searchsorted(outside, candidates, right=True) / max(len(outside), 1)
+    balanced = (above_in + below_out) / 2
+    best = int(balanced.argmax())
+    return float(candidates[best]), float(balanced[best])

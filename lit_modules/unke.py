@@ -1,0 +1,134 @@
+"""Calibrating UnKE's stage 1 (the key search) on the train split, and caching its preserved keys.
+
+For each train edit and each candidate learning rate, stage 1 runs for at most `max_steps` with a
+loose norm bound (`max_clamp`) and stops at the first step whose delta makes greedy decoding give
+the target; the record is that step and |delta| / |h| then (or unsolved). The calibrated values:
+- key_lr: the candidate that solves the most edits (ties: the fewest steps at the median);
+- key_steps: `margin` times the steps that a `coverage` share of its solved edits needed, so
+  that the target state lies past the decision boundary, not on it (stage 2 only approximates
+  it);
+- clamp_norm: `margin` times the |delta| / |h| that a `coverage` share of them needed.
+On the validation split stage 1 runs with the calibrated values and with the config's, and the
+share of edits it solves within its steps is reported for both, with the steps each costs. The
+export holds the preserved keys (the block's recorded call and original outputs on the
+preservation inputs), so no evaluation recomputes them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from datamodules.examples import EditExample
+from lalms.base import IGNORE_INDEX
+from lit_modules.calibration import CalibrationModule, edit_key
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class UnKECalibration(CalibrationModule):
+    def __init__(
+        self,
+        *args,
+        key_lrs: Sequence[float] = (0.1, 0.5, 1.0),
+        max_steps: int = 60,
+        max_clamp: float = 16.0,
+        coverage: float = 0.95,
+        margin: float = 1.5,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not key_lrs or not 0 < coverage <= 1 or margin < 1:
+            raise ValueError(f"UnKE calibration: key_lrs non-empty, coverage in (0, 1], margin >= 1; got "
+                             f"{list(key_lrs)}, {coverage}, {margin}")  # fmt: skip
+        self.key_lrs, self.max_steps, self.max_clamp = [float(x) for x in key_lrs], max_steps, max_clamp
+        self.coverage, self.margin = coverage, margin
+        self.save_hyperparameters(ignore=["lalm"])
+        self._unke: Any = None
+
+    def unke(self) -> Any:
+        if self._unke is None:
+            self._unke = self.build()
+        return self._unke
+
+    def _search(self, example: EditExample, **settings: Any) -> tuple[int | None, float | None, int]:
+        """(first solved step, |delta|/|h| then, steps run) of stage 1 on the example's edit."""
+        unke = self.unke()
+        batch = self.lalm.to_device(self.lalm.encode([example.edit.prompt], [example.instance.target]))
+        pos = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1
+        _, _, trace = unke.target_state(batch, pos, **settings)
+        steps = settings.get("steps") or unke.key_steps
+        ran = trace.solved_at + 1 if settings.get("until_solved") and trace.solved_at is not None else steps
+        return trace.solved_at, trace.norm, ran
+
+    def record(self, examples: Sequence[EditExample], split: str) -> list[dict[str, Any]]:
+        out = []
+        for ex in examples:
+            if split == "train":
+                for lr in self.key_lrs:
+                    solved, norm, _ = self._search(
+                        ex, lr=lr, steps=self.max_steps, clamp_norm=self.max_clamp, until_solved=True
+                    )
+                    out.append({"edit": edit_key(ex), "key_lr": lr, "solved_at": solved, "norm": norm})
+                continue
+            chosen = {"lr": self.chosen["key_lr"], "steps": self.chosen["key_steps"],
+                      "clamp_norm": self.chosen["clamp_norm"]}  # fmt: skip
+            for setting, kwargs in (("calibrated", chosen), ("config", {})):
+                solved, _, ran = self._search(ex, **kwargs)
+                out.append(
+                    {"edit": edit_key(ex), "setting": setting, "solved": solved is not None, "steps": ran}
+                )
+        return out
+
+    def step_logs(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        return {
+            f"solved/lr{lr:g}": sum(r["solved_at"] is not None for r in records if r["key_lr"] == lr)
+            / max(1, sum(r["key_lr"] == lr for r in records))
+            for lr in self.key_lrs
+        }
+
+    def choose(self, train: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        per = []
+        for lr in self.key_lrs:
+            rows = [r for r in train if r["key_lr"] == lr]
+            solved = [r for r in rows if r["solved_at"] is not None]
+            steps = [r["solved_at"] for r in solved]
+            norms = [r["norm"] for r in solved]
+            per.append({
+                "key_lr": lr,
+                "solved": round(len(solved) / len(rows), 4),
+                "median_steps": statistics.median(steps) if steps else None,
+                "steps_at_coverage": quantile(steps, self.coverage) if steps else None,
+                "norm_at_coverage": round(quantile(norms, self.coverage), 4) if norms else None,
+            })  # fmt: skip
+        best = max(per, key=lambda p: (p["solved"], -(p["median_steps"] or math.inf)))
+        if best["steps_at_coverage"] is None:
+            raise RuntimeError(
+                f"UnKE calibration: stage 1 solved none of {len(train) // len(self.key_lrs)} train edits "
+                f"with learning rates {self.key_lrs} in {self.max_steps} steps; widen key_lrs or max_steps"
+            )
+        chosen = {
+            "key_lr": best["key_lr"],
+            "key_steps": min(
+                self.max_steps, max(1, math.ceil(self.margin * (best["steps_at_coverage"] + 1)))
+            ),
+            "clamp_norm": round(min(self.max_clamp, self.margin * best["norm_at_coverage"]), 4),
+        }
+        return chosen, {"candidates": per, "coverage": self.coverage, "margin": self.margin}
+
+    def score(self, val: list[dict[str, Any]]) -> dict[str, float]:
+        out = {}
+        for setting in ("calibrated", "config"):
+            rows = [r for r in val if r["setting"] == setting]
+            out[f"{setting}/solved"] = round(sum(r["solved"] for r in rows) / len(rows), 4)
+            out[f"{setting}/mean_steps"] = round(sum(r["steps"] for r in rows) / len(rows), 2)
+        return out
+
+    def exported_editor(self) -> Any:
+        return self.unke()
