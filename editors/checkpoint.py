@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 INFO, WEIGHTS, STATE = "editor.yaml", "editor.safetensors", "state.pt"
 
 
+WHAT_DIFFERS = {
+    "edited_parameters": "the edited parameters differ",
+    "edited_shapes": "the edited shapes differ",
+    "fingerprint": "the weights differ",
+}
+
+
 class EditorModelMismatch(ValueError):
     """An exported editor was trained on a different model than the one it is loaded onto."""
 
@@ -149,7 +156,7 @@ def _check(ckpt: str | Path, info: Mapping[str, Any], here: Mapping[str, Any], k
                 f"{ckpt}: this {info['editor']} editor was trained on model {trained['name']!r} "
                 f"({trained['path']}, weights {trained['fingerprint']}), but the loaded model is "
                 f"{here['name']!r} ({here['path']}, weights {here['fingerprint']}): "
-                f"{key.replace('_', ' ')} differ. Load the model it was trained on (model=...); "
+                f"{WHAT_DIFFERS[key]}. Load the model it was trained on (model=...); "
                 f"from Python, load_editor(..., check_model=False) skips this check."
             )
 

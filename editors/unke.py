@@ -157,7 +157,7 @@ class UnKE:
                 for step in range(steps):
                     logits = self.lalm.logits(batch)
                     if trace.solved_at is None and bool(greedy_hits(logits, batch["labels"]).all()):
-                        trace.solved_at, trace.norm = step, float(delta.norm() / original.norm())
+                        trace.solved_at, trace.norm = step, float(delta.detach().norm() / original.norm())
                         if until_solved:
                             break
                     loss = answer_nll(logits, batch["labels"]) + self.key_wd * delta.pow(2).sum()
