@@ -16,17 +16,17 @@ from pathlib import Path
 import hydra
 from hydra.utils import instantiate
 from lightning.fabric import Fabric
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from datamodules.audio_io import AudioResolver  # noqa: E402
-from editors.checkpoint import export_digest, load_editor, read_info  # noqa: E402
+from editors.checkpoint import read_info  # noqa: E402
 from evaluation import base, report, rescore  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
 from evaluation.sweep import Sweeper  # noqa: E402
-from lit_modules.hydra_utils import MissingChoiceError, log_config, register_resolvers, require  # noqa: E402
+from lit_modules.hydra_utils import build_editor, log_config, register_resolvers, require  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +42,6 @@ def plan(cfg: DictConfig) -> str:
         f"gaps 0-{cfg.sequential.max_gap}); results.jsonl, metrics.json, report.md, plots under "
         f"{cfg.paths.output_dir}"
     )
-
-
-def build_editor(cfg: DictConfig, lalm):
-    """(editor, description, settings) from ckpt= (trained editors) or editor=<name> (no training
-    needed); the settings (the config, and what training chose) go into the reports."""
-    if cfg.ckpt:
-        info = read_info(cfg.ckpt)
-        name = (
-            f"{info['editor']} ({Path(cfg.ckpt).name}, {export_digest(cfg.ckpt)})"  # retrained: another run
-        )
-        settings = {"config": info.get("config") or info["network"], "calibration": info.get("calibration")}
-        return load_editor(cfg.ckpt, lalm), name, {k: v for k, v in settings.items() if v}
-    editor = require(cfg, "editor", "evaluate.py needs an editor (or ckpt=<exported editor>)")
-    if "editor" not in editor:
-        raise MissingChoiceError(
-            f"editor={editor.name} is trained first: python train.py editor={editor.name} "
-            f"model={cfg.model.name}, then python evaluate.py "
-            f"ckpt=checkpoints/{editor.name}-{cfg.model.name}-{cfg.data.name}"
-        )
-    config = OmegaConf.to_container(editor.editor, resolve=True)
-    return instantiate(editor.editor, lalm=lalm), editor.name, {"config": config}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")

@@ -27,12 +27,7 @@ import torch.nn.functional as F
 
 from editors.base import EditRequest, WeightSnapshot
 from editors.preservation import preservation_prompts
-from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits
-
-
-def hidden(output: Any) -> torch.Tensor:
-    """A decoder layer's output hidden states (layers return a tensor or a tuple, by version)."""
-    return output[0] if isinstance(output, tuple) else output
+from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits, hidden, with_hidden
 
 
 @dataclass
@@ -149,7 +144,7 @@ class UnKE:
         def add(module, args, output):
             h = hidden(output).clone()
             h[0, pos] = h[0, pos] + delta
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+            return with_hidden(output, h)
 
         hook = self.block.register_forward_hook(add)
         try:

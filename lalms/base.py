@@ -311,3 +311,13 @@ def greedy_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     answer = labels[:, 1:] != IGNORE_INDEX
     hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | ~answer
     return hit.all(-1)
+
+
+def hidden(output: Any) -> torch.Tensor:
+    """A layer's output hidden states (layers and attention return a tensor or a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, states: torch.Tensor) -> Any:
+    """`output` with its hidden states replaced (what a forward hook returns to change them)."""
+    return (states, *output[1:]) if isinstance(output, tuple) else states

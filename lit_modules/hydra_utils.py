@@ -8,6 +8,8 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from editors.checkpoint import export_digest, load_editor, read_info
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -53,3 +55,22 @@ def eval_run_name(
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use (idempotent)."""
     OmegaConf.register_new_resolver("eval_run_name", eval_run_name, replace=True)
+
+
+def build_editor(cfg: DictConfig, lalm):
+    """(editor, description, settings) from ckpt= (trained editors) or editor=<name> (no training
+    needed); the settings (the config, and what training chose) go into the reports."""
+    if cfg.ckpt:
+        info = read_info(cfg.ckpt)
+        name = f"{info['editor']} ({Path(cfg.ckpt).name}, {export_digest(cfg.ckpt)})"  # retrained: other run
+        settings = {"config": info.get("config") or info["network"], "calibration": info.get("calibration")}
+        return load_editor(cfg.ckpt, lalm), name, {k: v for k, v in settings.items() if v}
+    editor = require(cfg, "editor", "an editor is needed (or ckpt=<exported editor>)")
+    if "editor" not in editor:
+        raise MissingChoiceError(
+            f"editor={editor.name} is trained first: python train.py editor={editor.name} "
+            f"model={cfg.model.name}, then python evaluate.py "
+            f"ckpt=checkpoints/{editor.name}-{cfg.model.name}-{cfg.data.name}"
+        )
+    config = OmegaConf.to_container(editor.editor, resolve=True)
+    return instantiate(editor.editor, lalm=lalm), editor.name, {"config": config}

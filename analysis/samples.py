@@ -1,0 +1,32 @@
+"""The probing samples of the analyses: test instances' reliability questions with their audio."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from datamodules.audio_io import AudioResolver
+from datamodules.schema import EditInstance
+from lalms.prompt import Prompt
+
+
+@dataclass(frozen=True)
+class Sample:
+    instance: EditInstance
+    prompt: Prompt  # the reliability question with its clip
+    truth: str  # the clip's label (the instance's original)
+
+
+def reliability_samples(
+    instances: list[EditInstance], audio_root, rate: int, per_attribute: int
+) -> list[Sample]:
+    """The first `per_attribute` instances of each attribute (in the given order), as samples."""
+    resolver, taken, out = AudioResolver(audio_root), defaultdict(int), []
+    for inst in instances:
+        if taken[inst.attribute] >= per_attribute:
+            continue
+        q = inst.reliability
+        audio = resolver.load(q.file, q.track, rate) if q.file else None
+        out.append(Sample(inst, Prompt(q.question, audio=audio), inst.original))
+        taken[inst.attribute] += 1
+    return out

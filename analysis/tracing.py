@@ -1,0 +1,393 @@
+"""Speech-aware causal tracing: which layers and positions carry an auditory attribute.
+
+For an audio question the model answers right (greedy decoding gives the label):
+1. clean run: every traced module's output is recorded;
+2. corrupted run: Gaussian noise, `noise` times the standard deviation of the clean values, is
+   added to the audio representation at an early point (`corrupt_at`): the input of the first
+   audio-encoder layer (after the convolutions and positions: every frame), or the connector's
+   output (the audio rows the LLM reads);
+3. restored runs: corrupted, but the clean output of one window of `window` consecutive layers
+   (centred on a layer) is written back at one position. Traced per layer are the block output
+   (`residual`), the MLP output (`mlp`; fc2 in Whisper-style audio layers) and the attention
+   output (`attn`), in the audio encoder (positions: encoder frames) and in the LLM (positions:
+   tokens).
+Indirect effect IE = p(answer | restored) - p(answer | corrupted), p the probability of the
+answer's first token at the last prompt position. The restored runs of one sample are batched:
+each batch row carries its own (module window, position) restoration.
+
+Positions are grouped so that samples of different lengths average together: LLM tokens before
+the audio (`prefix`), the audio rows in `bins` equal parts (`audio1`..), the question after
+the audio (`question`) and the last token (`last`); audio-encoder frames in `bins` equal parts
+of the clip's valid frames (`frames1`..). `position_stride` traces every n-th position inside a
+group (always the last token) to bound the cost on real models.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.samples import reliability_samples
+from evaluation.progress import progress_bar
+from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
+from lalms.prompt import Prompt
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("residual", "mlp", "attn")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A traced module: tower ('audio' or 'llm'), component, layer, module path."""
+
+    tower: str
+    component: str
+    layer: int
+    path: str
+
+
+def traced_sites(lalm: LALM) -> list[Site]:
+    """The block, MLP and attention outputs of every audio-encoder and LLM layer."""
+    sites = []
+    es = lalm.edit_sites
+    for tower, base, count in (
+        ("audio", es.audio_layers, es.num_audio_layers),
+        ("llm", es.llm_layers, es.num_llm_layers),
+    ):
+        for i in range(count):
+            block = lalm.model.get_submodule(f"{base}.{i}")
+            mlp = "mlp" if hasattr(block, "mlp") else "fc2"  # Whisper-style layers: fc1/fc2, no mlp module
+            for component, sub in (("residual", ""), ("mlp", f".{mlp}"), ("attn", ".self_attn")):
+                sites.append(Site(tower, component, i, f"{base}.{i}{sub}"))
+    return sites
+
+
+def windows(count: int, window: int) -> list[range]:
+    """For each layer, the `window` consecutive layers centred on it (clipped to the model)."""
+    out = []
+    for centre in range(count):
+        start = min(max(0, centre - window // 2), max(0, count - window))
+        out.append(range(start, min(count, start + window)))
+    return out
+
+
+def bins(n: int, parts: int, prefix: str) -> list[str]:
+    """The group name of each of n positions split into `parts` equal parts."""
+    return [f"{prefix}{min(parts - 1, i * parts // max(n, 1)) + 1}" for i in range(n)]
+
+
+@dataclass
+class SampleTrace:
+    """The outcome of tracing one sample."""
+
+    p_clean: float
+    p_corrupted: float
+    # (tower, component, layer, group) -> indirect effects of the positions in that group
+    effects: dict[tuple[str, str, int, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+class CausalTracer:
+    def __init__(
+        self,
+        lalm: LALM,
+        corrupt_at: str = "audio_input",
+        noise: float = 3.0,
+        window: int = 1,
+        bins: int = 4,
+        position_stride: int = 1,
+        batch_size: int = 64,
+        min_drop: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if corrupt_at not in ("audio_input", "connector"):
+            raise ValueError(f"corrupt_at must be 'audio_input' or 'connector', got {corrupt_at!r}")
+        if lalm.edit_sites.audio_layers is None and corrupt_at == "audio_input":
+            raise ValueError("corrupt_at=audio_input needs audio-encoder layers; this model has none found")
+        self.lalm, self.corrupt_at, self.noise, self.window = lalm, corrupt_at, noise, window
+        self.bins, self.stride, self.batch_size, self.seed = bins, position_stride, batch_size, seed
+        self.min_drop = min_drop
+        self.sites = traced_sites(lalm)
+        if corrupt_at == "connector":  # noise after the encoder: its layers cannot restore it
+            self.sites = [s for s in self.sites if s.tower == "llm"]
+        self.modules = {s.path: lalm.model.get_submodule(s.path) for s in self.sites}
+
+    # ------------------------------------------------------------------ runs
+    def _corruption(self, noise: torch.Tensor | None, record: dict):
+        """A hook that adds `noise` to the audio representation (or, noise None, records it)."""
+
+        def add(x: torch.Tensor) -> torch.Tensor:
+            if noise is None:
+                record["clean"] = x.detach()
+                return x
+            return x + noise.to(x.dtype)
+
+        if self.corrupt_at == "connector":
+            module = self.lalm.model.get_submodule(self.lalm.edit_sites.connector)
+            return module.register_forward_hook(lambda m, a, out: with_hidden(out, add(hidden(out))))
+        module = self.lalm.model.get_submodule(f"{self.lalm.edit_sites.audio_layers}.0")
+
+        def pre(m, args, kwargs):
+            if args:
+                return (add(args[0]), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: add(kwargs[key])}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def _run(self, batch, corrupt: torch.Tensor | None, restore: Sequence[tuple[set[str], int]] = ()):
+        """p(answer) rows of one forward; `restore[b]` = (module paths, position) for row b."""
+        hooks, clean_out = [], {}
+        record: dict = {}
+        hooks.append(self._corruption(corrupt, record))
+        if corrupt is None:  # the clean run records every traced output
+            for path, module in self.modules.items():
+                hooks.append(module.register_forward_hook(self._recorder(path, clean_out)))
+        else:
+            for path, module in self.modules.items():
+                rows = [(b, pos) for b, (paths, pos) in enumerate(restore) if path in paths]
+                if rows:
+                    hooks.append(module.register_forward_hook(self._restorer(path, rows)))
+        try:
+            with torch.no_grad():
+                logits = self.lalm.logits(batch)[:, -1].float()
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits.softmax(-1), clean_out, record
+
+    @staticmethod
+    def _recorder(path: str, into: dict):
+        def hook(m, args, out):
+            into[path] = hidden(out).detach()
+
+        return hook
+
+    def _restorer(self, path: str, rows: list[tuple[int, int]]):
+        b = torch.tensor([r for r, _ in rows])
+        pos = torch.tensor([p for _, p in rows])
+
+        def hook(m, args, out):
+            h = hidden(out).clone()
+            h[b, pos] = self._clean[path][0, pos].to(h.dtype)
+            return with_hidden(out, h)
+
+        return hook
+
+    # ------------------------------------------------------------------ one sample
+    def positions(self, batch, clean: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, str]]]:
+        """tower -> [(position, group)] traced in that tower."""
+        ids = batch["input_ids"][0]
+        real = int(batch["attention_mask"][0].sum())
+        start = len(ids) - real  # left padding
+        audio = (ids == self.lalm.audio_token_id).nonzero().flatten().tolist()
+        llm: list[tuple[int, str]] = []
+        if audio:
+            first, last = audio[0], audio[-1]
+            llm += [(p, "prefix") for p in range(start, first)]
+            llm += list(zip(audio, bins(len(audio), self.bins, "audio"), strict=True))
+            llm += [(p, "question") for p in range(last + 1, len(ids) - 1)]
+        else:
+            llm += [(p, "question") for p in range(start, len(ids) - 1)]
+        llm = self._strided(llm) + [(len(ids) - 1, "last")]
+        out = {"llm": llm}
+        audio_sites = [s for s in self.sites if s.tower == "audio"]
+        if audio_sites:
+            frames = clean[audio_sites[0].path].shape[1]
+            valid = self._valid_frames(batch, frames)
+            out["audio"] = self._strided(
+                list(zip(range(valid), bins(valid, self.bins, "frames"), strict=True))
+            )
+        return out
+
+    def _strided(self, positions: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        kept, seen = [], defaultdict(int)
+        for pos, group in positions:
+            if seen[group] % self.stride == 0:
+                kept.append((pos, group))
+            seen[group] += 1
+        return kept
+
+    @staticmethod
+    def _valid_frames(batch, frames: int) -> int:
+        """The encoder frames that hold the clip: from a feature-level mask if the family's
+        processor gives one (e.g. `feature_attention_mask`), else all of them."""
+        for key, value in batch.items():
+            if key != "attention_mask" and key.endswith("attention_mask") and value.dim() == 2:
+                total = value.shape[1]
+                return max(1, min(frames, -(-int(value[0].sum()) * frames // total)))
+        return frames
+
+    def trace(self, prompt: Prompt, answer: str) -> SampleTrace | None:
+        """Trace one sample; None when the model does not answer it right. A sample whose
+        answer the noise hardly moves (p drops by less than `min_drop`) is returned without
+        restored runs: there is no effect to locate."""
+        lalm = self.lalm
+        with_answer = lalm.to_device(lalm.encode([prompt], [answer]))
+        with torch.no_grad():
+            if not bool(greedy_hits(lalm.logits(with_answer), with_answer["labels"])[0]):
+                return None
+        first_answer = with_answer["labels"][0][with_answer["labels"][0] != IGNORE_INDEX][0]
+        batch = lalm.to_device(lalm.encode([prompt]))
+        probs, self._clean, record = self._run(batch, None)
+        clean_repr = record["clean"]
+        g = torch.Generator().manual_seed(self.seed)
+        noise = self.noise * clean_repr.float().std() * torch.randn(clean_repr.shape, generator=g)
+        noise = noise.to(clean_repr.device)
+        p_corrupt = float(self._run(batch, noise)[0][0, first_answer])
+        result = SampleTrace(float(probs[0, first_answer]), p_corrupt)
+        if result.p_clean - p_corrupt < self.min_drop:
+            return result
+
+        jobs: list[tuple[Site, set[str], int, str]] = []
+        positions = self.positions(batch, self._clean)
+        for tower, places in positions.items():
+            count = max(s.layer for s in self.sites if s.tower == tower) + 1
+            spans = windows(count, self.window)
+            here = [s for s in self.sites if s.tower == tower]
+            for site in here:
+                span = spans[site.layer]
+                paths = {s.path for s in here if s.component == site.component and s.layer in span}
+                jobs += [(site, paths, pos, group) for pos, group in places]
+        for chunk in range(0, len(jobs), self.batch_size):
+            part = jobs[chunk : chunk + self.batch_size]
+            rows = {k: v.repeat(len(part), *[1] * (v.dim() - 1)) for k, v in batch.items()}
+            probs = self._run(rows, noise, [(paths, pos) for _, paths, pos, _ in part])[0][:, first_answer]
+            for (site, _, _, group), p in zip(part, probs.tolist(), strict=True):
+                result.effects[(site.tower, site.component, site.layer, group)].append(p - p_corrupt)
+        self._clean = {}
+        return result
+
+
+@dataclass
+class TraceSummary:
+    """Indirect effects averaged over samples."""
+
+    rows: list[dict]  # tower, component, layer, group, ie, n
+    samples: int
+    skipped: int  # samples the model got wrong
+    robust: int  # samples the noise did not move by min_drop
+    p_clean: float
+    p_corrupted: float
+
+    def per_layer(self) -> list[dict]:
+        """Per tower, component and layer: the mean IE over the audio positions (rows or frames),
+        at the last token (LLM), and the largest group mean."""
+        out = []
+        key = lambda r: (r["tower"], r["component"], r["layer"])  # noqa: E731
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in self.rows:
+            groups[key(r)].append(r)
+        for (tower, component, layer), rows in groups.items():
+            audio = [r["ie"] for r in rows if r["group"].startswith(("audio", "frames"))]
+            last = [r["ie"] for r in rows if r["group"] == "last"]
+            out.append({"tower": tower, "component": component, "layer": layer,
+                        "ie_audio": float(np.mean(audio)) if audio else None,
+                        "ie_last": last[0] if last else None,
+                        "ie_max": max(r["ie"] for r in rows)})  # fmt: skip
+        return out
+
+
+def summarise(traces: Iterable[SampleTrace | None]) -> TraceSummary:
+    kept = list(traces)
+    right = [t for t in kept if t is not None]
+    done = [t for t in right if t.effects]
+    if not done:
+        raise RuntimeError(
+            f"causal tracing: of {len(kept)} samples the model answered {len(right)} right, and the "
+            "noise moved none of them by min_drop; nothing to trace. Raise `noise` or trace more samples"
+        )
+    pooled: dict[tuple, list[float]] = defaultdict(list)
+    for t in done:
+        for k, effects in t.effects.items():
+            pooled[k].append(float(np.mean(effects)))  # each sample weighs the same in a group
+    rows = [
+        {"tower": k[0], "component": k[1], "layer": k[2], "group": k[3], "ie": float(np.mean(v)), "n": len(v)}
+        for k, v in sorted(pooled.items(), key=lambda kv: (kv[0][0] != "audio", kv[0][1], kv[0][2], kv[0][3]))
+    ]
+    return TraceSummary(
+        rows, len(done), len(kept) - len(right), len(right) - len(done),
+        float(np.mean([t.p_clean for t in done])), float(np.mean([t.p_corrupted for t in done])),
+    )  # fmt: skip
+
+
+def group_order(groups: Iterable[str]) -> list[str]:
+    """prefix, audio1.., frames1.., question, last."""
+    rank = {"prefix": 0, "question": 3, "last": 4}
+    return sorted(set(groups), key=lambda g: (rank.get(g, 1 if g.startswith("audio") else 2), len(g), g))
+
+
+def heatmaps(summary: TraceSummary, out_dir: Path) -> list[Path]:
+    """One PNG per tower: a heatmap of the mean IE (layer x position group) per component."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for tower in ("audio", "llm"):
+        rows = [r for r in summary.rows if r["tower"] == tower]
+        if not rows:
+            continue
+        groups = group_order(r["group"] for r in rows)
+        layers = sorted({r["layer"] for r in rows})
+        fig, axes = plt.subplots(1, len(COMPONENTS), figsize=(4 * len(COMPONENTS), 1 + 0.5 * len(layers)))
+        vmax = max(abs(r["ie"]) for r in rows) or 1.0
+        for ax, component in zip(axes, COMPONENTS, strict=True):
+            grid = np.full((len(layers), len(groups)), np.nan)
+            for r in rows:
+                if r["component"] == component:
+                    grid[layers.index(r["layer"]), groups.index(r["group"])] = r["ie"]
+            image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower")
+            ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
+            ax.set_yticks(range(len(layers)), layers)
+            ax.set_title(f"{tower} {component}")
+            ax.set_xlabel("position")
+            ax.set_ylabel("layer")
+        fig.colorbar(image, ax=axes, label="indirect effect")
+        title = f"p(answer): clean {summary.p_clean:.3f}, corrupted {summary.p_corrupted:.3f}"
+        fig.suptitle(f"{title}, {summary.samples} samples", y=1.04)
+        path = out_dir / f"trace_{tower}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(lalm: LALM, data, out_dir: Path, samples: int = 8, **settings) -> TraceSummary:
+    """Trace the first `samples` test instances of each attribute; write CSVs, heatmaps, summary."""
+    tracer = CausalTracer(lalm, **settings)
+    items = reliability_samples(data.test_instances(), data.audio_root, lalm.sampling_rate, samples)
+    traces = []
+    with progress_bar("causal tracing", len(items), unit="samples") as advance:
+        for item in items:
+            traces.append(tracer.trace(item.prompt, item.truth))
+            advance(1)
+    summary = summarise(traces)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "trace.csv", summary.rows)
+    write_csv(out_dir / "trace_per_layer.csv", summary.per_layer())
+    info = {"samples": summary.samples, "skipped_wrong": summary.skipped, "skipped_robust": summary.robust,
+            "p_clean": summary.p_clean,
+            "p_corrupted": summary.p_corrupted, "settings": settings}  # fmt: skip
+    (out_dir / "trace.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    plots = heatmaps(summary, out_dir)
+    log.info("traced %d samples (skipped: %d answered wrong, %d not moved by the noise): p clean %.3f, "
+             "corrupted %.3f; %s", summary.samples, summary.skipped, summary.robust, summary.p_clean,
+             summary.p_corrupted,
+             ", ".join(str(p) for p in [out_dir / "trace_per_layer.csv", *plots]))  # fmt: skip
+    return summary

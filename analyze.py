@@ -1,0 +1,54 @@
+"""Interpretability analyses of an LALM on SAKE-format data.
+
+python analyze.py lens                                      # logit lens per attribute
+python analyze.py lens ckpt=checkpoints/mend-tiny-sake_mini # ... and before/after an editor's edits
+python analyze.py trace model=qwen                          # speech-aware causal tracing
+python analyze.py trace --cfg job                           # print the composed config
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+from lit_modules.hydra_utils import build_editor, log_config  # noqa: E402
+
+
+def analyze(cfg: DictConfig):
+    """Run the chosen analysis (`cfg.analysis.run`) on the model and data of `cfg`."""
+    log_config(cfg)
+    analysis = instantiate(cfg.analysis.run)
+    data = instantiate(cfg.data)
+    data.prepare_data()  # builds SAKE-mini on first use
+    lalm = instantiate(cfg.model)
+    kwargs = {}
+    if cfg.ckpt or cfg.get("editor"):
+        if "editor" not in inspect.signature(analysis.func).parameters:
+            raise ValueError(f"analysis={cfg.analysis.name} reads the unedited model; drop ckpt= / editor=")
+        kwargs["editor"] = build_editor(cfg, lalm)[0]
+    return analysis(lalm=lalm, data=data, out_dir=Path(cfg.paths.output_dir), **kwargs)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="analyze")
+def main(cfg: DictConfig):
+    return analyze(cfg)
+
+
+def as_overrides(argv: list[str]) -> list[str]:
+    """`analyze.py lens ...` -> `analyze.py analysis=lens ...` (a bare first word names the analysis)."""
+    if len(argv) > 1 and "=" not in argv[1] and not argv[1].startswith("-"):
+        return [argv[0], f"analysis={argv[1]}", *argv[2:]]
+    return argv
+
+
+if __name__ == "__main__":
+    sys.argv = as_overrides(sys.argv)
+    main()

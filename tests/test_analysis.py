@@ -1,0 +1,121 @@
+"""Causal tracing and the logit lens on the shipped tiny LALM (analysis/, analyze.py, trace.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.lens import LogitLens
+from analysis.samples import reliability_samples
+from analysis.tracing import CausalTracer, bins, group_order, summarise, windows
+from datamodules import SakeDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def samples(shipped_lalm, mini_dir):
+    data = SakeDataModule(str(mini_dir), name="sake_mini")
+    return reliability_samples(data.test_instances(), data.audio_root, shipped_lalm.sampling_rate, 3)
+
+
+def test_layer_windows_and_position_groups():
+    assert [list(w) for w in windows(4, 1)] == [[0], [1], [2], [3]]
+    assert [list(w) for w in windows(5, 3)] == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]]
+    assert [list(w) for w in windows(2, 10)] == [[0, 1], [0, 1]]
+    assert bins(6, 3, "audio") == ["audio1", "audio1", "audio2", "audio2", "audio3", "audio3"]
+    assert group_order(["last", "audio10", "question", "audio2", "prefix", "frames1"]) == [
+        "prefix", "audio2", "audio10", "frames1", "question", "last"
+    ]  # fmt: skip
+
+
+def traced(tracer, samples):
+    for s in samples:
+        t = tracer.trace(s.prompt, s.truth)
+        if t is not None and t.effects:
+            return t
+    pytest.skip("the noise moved none of the samples")
+
+
+@pytest.mark.parametrize("corrupt_at", ["audio_input", "connector"])
+def test_restoring_the_last_layer_at_the_last_token_undoes_the_corruption(shipped_lalm, samples, corrupt_at):
+    """The last block's output at the last position is all the answer depends on: restoring it
+    must recover the clean probability exactly, and restoring nothing changes nothing."""
+    tracer = CausalTracer(
+        shipped_lalm, corrupt_at=corrupt_at, noise=10.0, position_stride=1000, min_drop=0.05
+    )
+    t = traced(tracer, samples)
+    last = shipped_lalm.edit_sites.num_llm_layers - 1
+    assert t.p_clean - t.p_corrupted >= 0.05
+    (ie,) = t.effects[("llm", "residual", last, "last")]
+    assert ie == pytest.approx(t.p_clean - t.p_corrupted, abs=1e-4)
+    # the prefix tokens come before the audio: restoring them cannot carry the audio back
+    assert all(abs(e) < 1e-4 for k, v in t.effects.items() if k[3] == "prefix" for e in v)
+    audio_groups = {k[3] for k in t.effects if k[0] == "audio"}
+    assert (corrupt_at == "audio_input") == bool(audio_groups)
+
+
+def test_batched_restorations_equal_one_at_a_time(shipped_lalm, samples):
+    common = dict(noise=10.0, position_stride=1000, min_drop=0.05)
+    batched = traced(CausalTracer(shipped_lalm, batch_size=64, **common), samples)
+    single = traced(CausalTracer(shipped_lalm, batch_size=1, **common), samples)
+    assert batched.effects.keys() == single.effects.keys()
+    for k, v in batched.effects.items():
+        assert v == pytest.approx(single.effects[k], abs=1e-5), k
+    summary = summarise([batched, None])
+    assert summary.samples == 1 and summary.skipped == 1
+    assert {r["tower"] for r in summary.per_layer()} == {"audio", "llm"}
+
+
+def test_the_lens_at_the_last_layer_is_the_models_own_output(shipped_lalm, samples):
+    """Hooks take the layer outputs before the final norm, so the last layer's lens distribution
+    equals the model's next-token distribution (a double norm would not)."""
+    lens = LogitLens(shipped_lalm)
+    prompts = [s.prompt for s in samples[:4]]
+    probs = lens.probabilities(prompts)
+    assert probs.shape[:2] == (len(prompts), shipped_lalm.edit_sites.num_llm_layers)
+    with torch.no_grad():
+        own = (
+            shipped_lalm.logits(shipped_lalm.to_device(shipped_lalm.encode(prompts)))[:, -1]
+            .float()
+            .softmax(-1)
+        )
+    assert torch.allclose(probs[:, -1], own, atol=1e-5)
+    reads = lens.read(samples[:2], ["dog", "cat", "frog", "male", "female", samples[0].truth])
+    assert all(len(r["p"]) == probs.shape[1] for r in reads)
+    for r in reads:  # settles_at: from there on the right label leads
+        if r["settles_at"] is not None:
+            assert all(r["leads"][r["settles_at"] :]) and (
+                r["settles_at"] == 0 or not r["leads"][r["settles_at"] - 1]
+            )
+
+
+def run_cli(script, *args):
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_analyze_lens_and_trace_write_their_tables_and_plots(mini_dir, tmp_path):
+    data = [f"data.root={mini_dir}", "data.build_mini=false"]
+    run_cli("analyze.py", "lens", *data, "analysis.run.samples=2", "editor=ft_llm", "analysis.run.edits=1",
+            f"hydra.run.dir={tmp_path / 'lens'}")  # fmt: skip
+    summary = json.loads((tmp_path / "lens" / "lens.json").read_text())
+    assert set(summary["settling"]) == {"gender", "emotion", "language", "animal"}
+    assert len(summary["edit"]) == 4  # per layer: before/after probabilities of target and original
+    assert all(
+        (tmp_path / "lens" / f).is_file() for f in ("lens.csv", "lens.png", "lens_edit.csv", "lens_edit.png")
+    )
+    run_cli("trace.py", *data, "analysis.run.samples=1", "analysis.run.position_stride=1000",
+            "analysis.run.noise=10", "analysis.run.min_drop=0.0",
+            f"hydra.run.dir={tmp_path / 'trace'}")  # fmt: skip
+    info = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    assert info["samples"] + info["skipped_wrong"] + info["skipped_robust"] == 4
+    assert all(
+        (tmp_path / "trace" / f).is_file() for f in ("trace.csv", "trace_per_layer.csv", "trace_llm.png")
+    )
