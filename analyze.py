@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from lit_modules.hydra_utils import build_editor, log_config  # noqa: E402
+from lit_modules.hydra_utils import build_editor, log_config, register_resolvers  # noqa: E402
 
 
 def analyze(cfg: DictConfig):
@@ -50,5 +50,6 @@ def as_overrides(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    register_resolvers()
     sys.argv = as_overrides(sys.argv)
     main()

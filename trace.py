@@ -7,6 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from analyze import analyze
+from lit_modules.hydra_utils import register_resolvers
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="analyze")
@@ -15,5 +16,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    register_resolvers()
     sys.argv.insert(1, "analysis=trace")
     main()

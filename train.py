@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from lit_modules.hydra_utils import instantiate_loggers, log_config, require  # noqa: E402
+from lit_modules.hydra_utils import instantiate_loggers, log_config, register_resolvers, require  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -42,4 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

@@ -391,3 +391,20 @@ def run(lalm: LALM, data, out_dir: Path, samples: int = 8, **settings) -> TraceS
              summary.p_corrupted,
              ", ".join(str(p) for p in [out_dir / "trace_per_layer.csv", *plots]))  # fmt: skip
     return summary
+
+
+def traced_layer(folder: str, tower: str = "llm", component: str = "mlp") -> int:
+    """The layer with the largest indirect effect in a tracing run's trace_per_layer.csv: at the
+    last token for the LLM, over the frames for the audio encoder. A config resolver:
+    editor.layer='${traced_layer:outputs/analyze/trace-tiny-sake_mini,llm,mlp}'."""
+    path = Path(folder) / "trace_per_layer.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tracing output; run python trace.py first")
+    column = "ie_last" if tower == "llm" else "ie_audio"
+    with open(path, encoding="utf-8") as f:
+        rows = [
+            r for r in csv.DictReader(f) if r["tower"] == tower and r["component"] == component and r[column]
+        ]
+    if not rows:
+        raise ValueError(f"{path}: no {tower} {component} rows with {column}")
+    return int(max(rows, key=lambda r: float(r[column]))["layer"])

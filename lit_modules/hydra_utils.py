@@ -54,7 +54,10 @@ def eval_run_name(
 
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use (idempotent)."""
+    from analysis.tracing import traced_layer
+
     OmegaConf.register_new_resolver("eval_run_name", eval_run_name, replace=True)
+    OmegaConf.register_new_resolver("traced_layer", traced_layer, replace=True)
 
 
 def build_editor(cfg: DictConfig, lalm):

@@ -70,3 +70,13 @@ def mini(mini_dir):
     from datamodules import SakeData
 
     return SakeData.load(mini_dir)
+
+
+@pytest.fixture(scope="module")
+def samples(shipped_lalm, mini_dir):
+    """The first 3 test instances of each attribute as probing samples (reliability question + clip)."""
+    from analysis.samples import reliability_samples
+    from datamodules import SakeDataModule
+
+    data = SakeDataModule(str(mini_dir), name="sake_mini")
+    return reliability_samples(data.test_instances(), data.audio_root, shipped_lalm.sampling_rate, 3)

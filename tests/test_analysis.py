@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from analysis.lens import LogitLens
-from analysis.samples import reliability_samples
 from analysis.tracing import CausalTracer, bins, group_order, summarise, windows
-from datamodules import SakeDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def samples(shipped_lalm, mini_dir):
-    data = SakeDataModule(str(mini_dir), name="sake_mini")
-    return reliability_samples(data.test_instances(), data.audio_root, shipped_lalm.sampling_rate, 3)
 
 
 def test_layer_windows_and_position_groups():

@@ -1,0 +1,211 @@
+"""What the locate-then-edit editors (ROME, AlphaEdit) share: the keys of a linear layer, their
+second moment over a generic corpus (cached on disk per model and layer), and the search for a
+target value at a module's output.
+
+Keys are a linear layer's inputs. Where they are read (`position`):
+- `last`: the last prompt position (the one that predicts the answer);
+- `last_audio`: the last audio row of the LLM input;
+- `audio`: the mean over the audio rows (LLM) or over all frames (an audio-encoder layer, whose
+  positions are frames: the relevant span is the clip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from editors.preservation import preservation_prompts
+from lalms.base import IGNORE_INDEX, LALM, answer_nll, hidden, with_hidden
+from lalms.prompt import Prompt
+
+log = logging.getLogger(__name__)
+POSITIONS = ("last", "last_audio", "audio")
+
+
+def key_positions(
+    lalm: LALM, batch: dict[str, torch.Tensor], tower: str, position: str, frames: int
+) -> torch.Tensor:
+    """(B, T) float weights of the positions a key averages over, per row (rows sum to 1)."""
+    ids = batch["input_ids"]
+    if tower == "audio":
+        return torch.full((ids.shape[0], frames), 1.0 / frames)
+    audio = ids == lalm.audio_token_id
+    weights = torch.zeros(ids.shape, dtype=torch.float)
+    labels = batch.get("labels")
+    for b in range(ids.shape[0]):
+        rows = audio[b].nonzero().flatten()
+        if position == "last" or not len(rows):
+            if position != "last":
+                raise ValueError(f"key position {position!r} needs an audio prompt; row {b} has no audio")
+            answer = (labels[b] != IGNORE_INDEX).nonzero().flatten() if labels is not None else []
+            weights[b, int(answer[0]) - 1 if len(answer) else -1] = 1.0  # the last prompt position
+        elif position == "last_audio":
+            weights[b, rows[-1]] = 1.0
+        else:
+            weights[b, rows] = 1.0 / len(rows)
+    return weights
+
+
+class Site:
+    """One edited linear layer: its module, tower and the keys/values at its positions."""
+
+    def __init__(self, lalm: LALM, name: str, position: str = "last") -> None:
+        if position not in POSITIONS:
+            raise ValueError(f"key position must be one of {POSITIONS}, got {position!r}")
+        self.lalm, self.name, self.position = lalm, name, position
+        self.path = lalm.edit_sites.resolve(name)
+        self.module = lalm.model.get_submodule(self.path)
+        if not isinstance(self.module, torch.nn.Linear):
+            raise ValueError(
+                f"edit site {name!r} ({self.path}) is a {type(self.module).__name__}, not a Linear layer"
+            )
+        self.tower = "audio" if name.startswith("audio.") else "llm"
+        self.param = f"{self.path}.weight"
+
+    def keys_and_outputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-row keys (B, d_in), per-row outputs (B, d_out), position weights (B, T))."""
+        seen = {}
+
+        def hook(m, args, out):
+            seen["x"], seen["y"] = args[0].detach(), hidden(out).detach()
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                self.lalm.logits(batch)
+        finally:
+            handle.remove()
+        x, y = seen["x"], seen["y"]
+        if self.tower == "audio":  # encoder inputs are per clip: one clip per prompt here
+            x, y = x[: batch["input_ids"].shape[0]], y[: batch["input_ids"].shape[0]]
+        w = key_positions(self.lalm, batch, self.tower, self.position, x.shape[1]).to(x.device, x.dtype)
+        return torch.einsum("bt,btd->bd", w, x), torch.einsum("bt,btd->bd", w, y), w
+
+
+def second_moment(
+    lalm: LALM,
+    site: Site,
+    root: str,
+    audio_root: str | None,
+    n_text: int,
+    n_audio: int,
+    cache_dir: str | None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """E[k k^T] of the site's inputs over the train split's questions (every real position or
+    frame), cached in `cache_dir` by model fingerprint, site and corpus size."""
+    tag = hashlib.sha256(f"{lalm.fingerprint()}:{site.path}:{n_text}:{n_audio}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"second_moment-{tag}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, map_location=lalm.device, weights_only=True)
+    prompts = preservation_prompts(root, audio_root, n_text, n_audio, lalm.sampling_rate)
+    total, count = None, 0
+
+    def hook(m, args, out):
+        nonlocal total, count
+        x = args[0].detach().float()
+        mask = seen_mask[0]
+        if site.tower == "llm" and mask is not None and mask.shape == x.shape[:2]:
+            x = x[mask.bool()]
+        x = x.reshape(-1, x.shape[-1])
+        total = x.T @ x if total is None else total + x.T @ x
+        count += x.shape[0]
+
+    seen_mask: list = [None]
+    handle = site.module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                batch = lalm.to_device(lalm.encode(prompts[start : start + batch_size]))
+                seen_mask[0] = batch["attention_mask"]
+                lalm.logits(batch)
+    finally:
+        handle.remove()
+    moment = total / max(count, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(moment.cpu(), tmp)
+        tmp.replace(path)
+        log.info("cached the key second moment of %s (%d keys) at %s", site.path, count, path)
+    return moment
+
+
+def search_value(
+    lalm: LALM,
+    module: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    weights: torch.Tensor,
+    neutral: dict[str, torch.Tensor] | None,
+    neutral_weights: torch.Tensor | None,
+    lr: float = 0.5,
+    steps: int = 25,
+    kl_weight: float = 0.0625,
+    weight_decay: float = 1e-3,
+    clamp_norm: float = 4.0,
+) -> torch.Tensor:
+    """The additive delta at `module`'s output (added at each row's key positions: where
+    `weights` > 0) that makes the model answer `batch`'s labels: Adam on NLL + kl_weight * KL(before
+    || after) of the next-token distribution at the last position of `neutral` + weight decay,
+    its norm clamped to `clamp_norm` times the layer's mean output norm over all positions (at a
+    single position the output can be near zero, which would forbid any edit)."""
+    delta: torch.Tensor | None = None
+    scale: list[torch.Tensor] = []
+
+    def add(w: torch.Tensor):
+        def hook(m, args, out):
+            nonlocal delta
+            h = hidden(out)
+            if delta is None:  # first call: size the delta and the clamp from the unedited output
+                delta = torch.zeros(h.shape[-1], device=h.device, dtype=torch.float, requires_grad=True)
+                scale.append(h.detach().float().norm(dim=-1).mean())  # the layer's typical output norm
+            return with_hidden(out, h + (w > 0).to(h.dtype)[..., None] * delta.to(h.dtype))
+
+        return hook
+
+    handle = module.register_forward_hook(add(weights))
+    try:
+        with torch.no_grad():
+            lalm.logits(batch)  # sizes the delta
+    finally:
+        handle.remove()
+    before = None
+    if neutral is not None:
+        with torch.no_grad():
+            before = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    limit = clamp_norm * scale[0]
+    with torch.enable_grad():
+        for _ in range(steps):
+            handle = module.register_forward_hook(add(weights))
+            try:
+                loss = answer_nll(lalm.logits(batch), batch["labels"]) + weight_decay * delta.pow(2).sum()
+            finally:
+                handle.remove()
+            if neutral is not None:
+                handle = module.register_forward_hook(add(neutral_weights))
+                try:
+                    after = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
+                finally:
+                    handle.remove()
+                loss = loss + kl_weight * F.kl_div(after, before, log_target=True, reduction="batchmean")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
+    return delta.detach()
+
+
+def variants(prompt: Prompt, prefixes: Sequence[str]) -> list[Prompt]:
+    """The edit prompt with each prefix before its question (ROME's context variants)."""
+    return [replace(prompt, question=f"{p}{prompt.question}") for p in prefixes]

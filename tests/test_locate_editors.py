@@ -1,0 +1,101 @@
+"""ROME (LLM, audio encoder, cross-modal) and AlphaEdit on the shipped tiny LALM."""
+
+import pytest
+import torch
+
+from editors.alphaedit import AlphaEdit
+from editors.locate import Site, key_positions, second_moment
+from editors.rome import ROME
+from evaluation.sweep import request
+
+COMMON = dict(
+    corpus_text=20, corpus_audio=10, prefixes=[""], steps=50, clamp_norm=12.0, neutral_question=None
+)
+
+
+def snapshot(lalm):
+    return {n: p.detach().clone() for n, p in lalm.model.named_parameters()}
+
+
+def changed(lalm, before):
+    return sorted(n for n, p in lalm.model.named_parameters() if not torch.equal(p, before[n]))
+
+
+def test_keys_are_read_at_the_last_prompt_position_or_the_audio_rows(shipped_lalm, samples):
+    s = samples[0]
+    batch = shipped_lalm.encode([s.prompt], [s.truth])
+    last = key_positions(shipped_lalm, batch, "llm", "last", 0)[0]
+    first_answer = int((batch["labels"][0] != -100).nonzero()[0])
+    assert last.nonzero().flatten().tolist() == [first_answer - 1]  # not the end of the answer
+    audio = key_positions(shipped_lalm, batch, "llm", "audio", 0)[0]
+    rows = (batch["input_ids"][0] == shipped_lalm.audio_token_id).nonzero().flatten()
+    assert torch.equal(audio.nonzero().flatten(), rows) and audio.sum() == pytest.approx(1.0)
+
+
+def test_the_second_moment_is_cached_per_model_and_layer(shipped_lalm, mini_dir, tmp_path):
+    site = Site(shipped_lalm, "llm.layers.2.mlp.down_proj")
+    c = second_moment(shipped_lalm, site, str(mini_dir), None, 6, 2, str(tmp_path))
+    assert c.shape == (384, 384) and torch.allclose(c, c.T) and len(list(tmp_path.iterdir())) == 1
+    again = second_moment(shipped_lalm, site, str(mini_dir), None, 6, 2, str(tmp_path))
+    assert torch.equal(c, again)
+    assert torch.linalg.eigvalsh(c.double()).min() > -1e-6  # positive semi-definite
+
+
+@pytest.mark.parametrize(
+    "sites",
+    [
+        ["llm.layers.2.mlp.down_proj"],
+        ["audio.layers.-1.fc2"],
+        ["audio.layers.-1.fc2", "llm.layers.2.mlp.down_proj"],
+    ],
+    ids=["llm", "audio", "cross"],
+)
+def test_rome_is_a_rank_one_update_of_its_sites_and_undoes_bitwise(
+    shipped_lalm, mini_dir, samples, sites, tmp_path
+):
+    rome = ROME(shipped_lalm, sites, str(mini_dir), cache_dir=str(tmp_path), **COMMON)
+    before = snapshot(shipped_lalm)
+    s = samples[1]
+    handle = rome.apply(request(s.instance, s.prompt))
+    touched = changed(shipped_lalm, before)
+    assert touched == sorted(site.param for site in rome.sites)
+    for name in touched:
+        dw = dict(shipped_lalm.model.named_parameters())[name] - before[name]
+        assert torch.linalg.matrix_rank(dw.double(), rtol=1e-6) == 1
+    handle.undo()
+    assert not changed(shipped_lalm, before)
+
+
+def test_rome_edits_the_answer_on_the_llm(shipped_lalm, mini_dir, samples, tmp_path):
+    rome = ROME(
+        shipped_lalm, ["llm.layers.1.mlp.down_proj"], str(mini_dir), cache_dir=str(tmp_path), **COMMON
+    )
+    answers = []
+    for s in samples[1:4]:  # not gender: "female" and "male" share tokens in the tiny vocabulary
+        handle = rome.apply(request(s.instance, s.prompt))
+        answers.append((shipped_lalm.generate([s.prompt], 8)[0], s.instance.target))
+        handle.undo()
+    assert sum(a == t for a, t in answers) >= 2, answers
+
+
+def test_alphaedit_updates_lie_in_the_null_space_and_sequences_accumulate(
+    shipped_lalm, mini_dir, samples, tmp_path
+):
+    editor = AlphaEdit(shipped_lalm, [1, 2], str(mini_dir), cache_dir=str(tmp_path), **COMMON)
+    before = snapshot(shipped_lalm)
+    first = editor.apply(request(samples[1].instance, samples[1].prompt))
+    params = dict(shipped_lalm.model.named_parameters())
+    for site in editor.sites:
+        dw = (params[site.param] - before[site.param]).float()
+        p = editor.projection(site)
+        assert torch.allclose(
+            dw @ p, dw, atol=1e-5
+        )  # rows of dW^T live in P's range: preserved keys untouched
+    assert set(editor.previous) == {s.path for s in editor.sites}
+    c1 = {k: v.clone() for k, v in editor.previous.items()}
+    second = editor.apply(request(samples[2].instance, samples[2].prompt))
+    assert all(not torch.equal(editor.previous[k], c1[k]) for k in c1)
+    second.undo()
+    assert all(torch.equal(editor.previous[k], c1[k]) for k in c1)
+    first.undo()
+    assert editor.previous == {} and not changed(shipped_lalm, before)
