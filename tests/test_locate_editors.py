@@ -1,4 +1,4 @@
-"""ROME (LLM, audio encoder, cross-modal) and AlphaEdit on the shipped tiny LALM."""
+"""ROME (LLM, audio encoder, cross-modal), AlphaEdit and OT steering on the shipped tiny LALM."""
 
 import pytest
 import torch
@@ -6,7 +6,9 @@ import torch
 from editors.alphaedit import AlphaEdit
 from editors.locate import Site, key_positions, second_moment
 from editors.rome import ROME
+from editors.steering import OTSteering, monge_map
 from evaluation.sweep import request
+from lalms.prompt import Prompt
 
 COMMON = dict(
     corpus_text=20, corpus_audio=10, prefixes=[""], steps=50, clamp_norm=12.0, neutral_question=None
@@ -99,3 +101,35 @@ def test_alphaedit_updates_lie_in_the_null_space_and_sequences_accumulate(
     assert all(torch.equal(editor.previous[k], c1[k]) for k in c1)
     first.undo()
     assert editor.previous == {} and not changed(shipped_lalm, before)
+
+
+def test_the_monge_map_carries_one_gaussian_onto_the_other():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=torch.double)
+    c_s, c_t = (
+        m @ m.T + torch.eye(6, dtype=torch.double),
+        torch.diag(torch.arange(1.0, 7.0, dtype=torch.double)),
+    )
+    mu_s, mu_t = (
+        torch.randn(6, generator=g, dtype=torch.double),
+        torch.randn(6, generator=g, dtype=torch.double),
+    )
+    a, b = monge_map(mu_s, c_s, mu_t, c_t)
+    assert (
+        torch.allclose(a, a.T, atol=1e-8) and torch.linalg.eigvalsh(a).min() > 0
+    )  # a gradient of a convex map
+    assert torch.allclose(a @ c_s @ a.T, c_t, atol=1e-6) and torch.allclose(a @ mu_s + b, mu_t)
+
+
+def test_steering_routes_each_sample_and_undo_removes_it(shipped_lalm, mini_dir, samples):
+    steering = OTSteering(shipped_lalm, str(mini_dir), samples=16)
+    s, other = samples[3], samples[4 + 1]  # an animal clip; an emotion clip
+    batch = [s.prompt, other.prompt, Prompt("What is two plus three?")]
+    unedited = shipped_lalm.generate(batch, 8)
+    handle = steering.apply(request(s.instance, s.prompt))
+    assert steering.routed(batch).tolist() == [True, False, False]
+    edited = shipped_lalm.generate(batch, 8)
+    assert edited[1:] == unedited[1:]  # outside the source region: untouched
+    assert shipped_lalm.generate([s.prompt], 8) == edited[:1]  # alone or batched, the same decision
+    handle.undo()
+    assert shipped_lalm.generate(batch, 8) == unedited and steering._hook is None

@@ -1,0 +1,188 @@
+"""Optimal-transport activation steering: move the last layer's state from the original label's
+distribution to the target's, for the inputs that look like the edit.
+
+At apply, two Gaussians are fitted to the last decoder layer's output at the last prompt
+position (before the final norm):
+- source: the edit prompt and up to `samples` train-split questions about clips of the original
+  label (same attribute);
+- target: up to `samples` train-split questions about clips of the target label: inputs the
+  model already perceives as the target, i.e. where the steering should land.
+Covariances are shrunk towards their mean variance (`shrinkage`). The linear Monge map between
+the Gaussians, A = Cs^-1/2 (Cs^1/2 Ct Cs^1/2)^1/2 Cs^-1/2, b = mu_t - A mu_s, is applied at
+inference to each sample whose state lies within `radius` (a quantile of the source samples'
+Mahalanobis distances, times `radius_scale`) of the source; the decision is per sample, on the
+prompt's last position. With several edits a sample takes the map of the nearest source that
+admits it. Undo removes the edit's map, and the hook with the last one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from datamodules.audio_io import AudioResolver
+from datamodules.loader import SakeData
+from datamodules.schema import norm_label
+from editors.base import EditRequest
+from lalms.base import LALM, hidden, with_hidden
+from lalms.prompt import Prompt
+
+
+def sqrtm(c: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    values, vectors = torch.linalg.eigh(c)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def gaussian(x: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of rows `x`, the covariance shrunk towards its mean variance."""
+    mu = x.mean(0)
+    centred = x - mu
+    c = centred.T @ centred / max(len(x) - 1, 1)
+    target = c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+    return mu, (1 - shrinkage) * c + shrinkage * target
+
+
+def monge_map(mu_s, c_s, mu_t, c_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, b) of the optimal transport map between two Gaussians: x -> A x + b."""
+    root = sqrtm(c_s)
+    inv_root = torch.linalg.inv(root)
+    a = inv_root @ sqrtm(root @ c_t @ root) @ inv_root
+    return a, mu_t - a @ mu_s
+
+
+@dataclass
+class SteeringMap:
+    a: torch.Tensor
+    b: torch.Tensor
+    mu: torch.Tensor  # the source mean
+    precision: torch.Tensor  # the source covariance's inverse
+    radius: float
+
+    def distance(self, h: torch.Tensor) -> torch.Tensor:
+        d = h - self.mu
+        return ((d @ self.precision) * d).sum(-1).clamp(min=0).sqrt()
+
+
+class OTSteering:
+    def __init__(
+        self,
+        lalm: LALM,
+        train_root: str,
+        audio_root: str | None = None,
+        samples: int = 32,
+        shrinkage: float = 0.2,
+        radius_quantile: float = 0.9,
+        radius_scale: float = 1.5,
+        seed: int = 0,
+    ) -> None:
+        self.lalm, self.samples, self.shrinkage = lalm, samples, shrinkage
+        self.radius_quantile, self.radius_scale, self.seed = radius_quantile, radius_scale, seed
+        es = lalm.edit_sites
+        self.layer = lalm.model.get_submodule(f"{es.llm_layers}.{es.num_llm_layers - 1}")
+        train = SakeData.load(train_root).train
+        if not train:
+            raise FileNotFoundError(f"{train_root}: no train split to fit the steering distributions on")
+        self.pool: dict[tuple[str, str], list] = defaultdict(list)  # (attribute, label) -> audio questions
+        for inst in train:
+            for q in (inst.reliability, *inst.generality):
+                if q.file is not None:
+                    self.pool[(inst.attribute, norm_label(inst.original))].append(q)
+        self.resolver = AudioResolver(audio_root or Path(train_root) / "audio")
+        self.maps: list[SteeringMap] = []
+        self._hook = None
+        self._paused = False
+
+    # ------------------------------------------------------------------ fitting
+    def states(self, prompts: list[Prompt]) -> torch.Tensor:
+        """The unsteered last layer's output at the last prompt position, per prompt (float)."""
+        seen = {}
+        handle = self.layer.register_forward_hook(lambda m, a, out: seen.update(h=hidden(out)[:, -1]))
+        self._paused = True
+        try:
+            with torch.no_grad():
+                self.lalm.logits(self.lalm.to_device(self.lalm.encode(prompts)))
+        finally:
+            handle.remove()
+            self._paused = False
+        return seen["h"].float()
+
+    def prompts(self, attribute: str, label: str) -> list[Prompt]:
+        queries = list(self.pool.get((attribute, norm_label(label)), []))
+        if not queries:
+            raise ValueError(f"steering: the train split has no {attribute} clips labelled {label!r}")
+        random.Random(f"{self.seed}:{attribute}:{label}").shuffle(queries)
+        rate = self.lalm.sampling_rate
+        return [
+            Prompt(q.question, audio=self.resolver.load(q.file, q.track, rate))
+            for q in queries[: self.samples]
+        ]
+
+    def fit(self, request: EditRequest) -> SteeringMap:
+        source = self.states([request.prompt, *self.prompts(request.attribute, request.original)])
+        target = self.states(self.prompts(request.attribute, request.target))
+        mu_s, c_s = gaussian(source, self.shrinkage)
+        mu_t, c_t = gaussian(target, self.shrinkage)
+        a, b = monge_map(mu_s, c_s, mu_t, c_t)
+        fitted = SteeringMap(a, b, mu_s, torch.linalg.inv(c_s), 0.0)
+        distances = fitted.distance(source)
+        fitted.radius = self.radius_scale * float(torch.quantile(distances, self.radius_quantile))
+        return fitted
+
+    # ------------------------------------------------------------------ steering
+    def _steer(self, module, args, out):
+        h = hidden(out)
+        if self._paused or h.shape[1] == 1:  # reading states, or a decoding step (already steered)
+            return out
+        last = h[:, -1].float()
+        best = torch.full((len(last),), -1, dtype=torch.long, device=last.device)
+        nearest = torch.full((len(last),), float("inf"), device=last.device)
+        for i, m in enumerate(self.maps):
+            d = m.distance(last)
+            take = (d <= m.radius) & (d < nearest)
+            best, nearest = torch.where(take, i, best), torch.where(take, d, nearest)
+        if not bool((best >= 0).any()):
+            return out
+        steered = last.clone()
+        for i, m in enumerate(self.maps):
+            rows = best == i
+            if rows.any():
+                steered[rows] = last[rows] @ m.a.T + m.b
+        h = h.clone()
+        h[:, -1] = steered.to(h.dtype)
+        return with_hidden(out, h)
+
+    def routed(self, prompts: list[Prompt]) -> torch.Tensor:
+        """Which prompts fall within an edit's source region."""
+        if not self.maps:
+            return torch.zeros(len(prompts), dtype=torch.bool)
+        last = self.states(prompts)
+        return torch.stack([m.distance(last) <= m.radius for m in self.maps]).any(0)
+
+    def apply(self, request: EditRequest) -> SteeringEdit:
+        fitted = self.fit(request)  # on unsteered states
+        self.maps.append(fitted)
+        if self._hook is None:
+            self._hook = self.layer.register_forward_hook(self._steer)
+        return SteeringEdit(self, fitted)
+
+
+class SteeringEdit:
+    """Undo removes the edit's map (and the hook with the last map)."""
+
+    def __init__(self, editor: OTSteering, fitted: SteeringMap) -> None:
+        self.editor, self.fitted, self.done = editor, fitted, False
+
+    def undo(self) -> None:
+        if self.done:
+            raise RuntimeError("this edit was already undone")
+        e = self.editor
+        e.maps = [m for m in e.maps if m is not self.fitted]
+        if not e.maps and e._hook is not None:
+            e._hook.remove()
+            e._hook = None
+        self.done = True
