@@ -15,7 +15,6 @@ probability of the target and of the original label shows where the edit takes h
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import defaultdict
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from analysis.samples import Sample, reliability_samples
+from analysis.tables import write_csv
 from datamodules.schema import SAKE_LABELS, norm_label
 from evaluation.progress import progress_bar
 from evaluation.sweep import request
@@ -197,13 +197,6 @@ def plot(rows: list[dict], shift: list[dict] | None, out_dir: Path) -> list[Path
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def run(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from analysis.samples import reliability_samples
+from analysis.tables import write_csv
 from evaluation.progress import progress_bar
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
 from lalms.prompt import Prompt
@@ -359,13 +360,6 @@ def heatmaps(summary: TraceSummary, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def run(lalm: LALM, data, out_dir: Path, samples: int = 8, **settings) -> TraceSummary:
