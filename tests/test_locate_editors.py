@@ -73,7 +73,7 @@ def test_rome_edits_the_answer_on_the_llm(shipped_lalm, mini_dir, samples, tmp_p
         shipped_lalm, ["llm.layers.1.mlp.down_proj"], str(mini_dir), cache_dir=str(tmp_path), **COMMON
     )
     answers = []
-    for s in samples[1:4]:  # not gender: "female" and "male" share tokens in the tiny vocabulary
+    for s in samples[1:4]:  # emotion, language, animal (a gender edit failed 1 of 2 tries on data/sake_mini)
         handle = rome.apply(request(s.instance, s.prompt))
         answers.append((shipped_lalm.generate([s.prompt], 8)[0], s.instance.target))
         handle.undo()
