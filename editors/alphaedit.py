@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from editors.base import EditRequest, WeightSnapshot
-from editors.locate import Site, search_value, second_moment, variants
+from editors.locate import Site, edit_batches, search_value, second_moment
 from lalms.base import LALM, hidden
-from lalms.prompt import Prompt
 
 
 class AlphaEdit:
@@ -87,11 +86,7 @@ class AlphaEdit:
 
     def apply(self, request: EditRequest) -> AlphaEditHandle:
         lalm = self.lalm
-        contexts = variants(request.prompt, self.prefixes)
-        batch = lalm.to_device(lalm.encode(contexts, [request.target] * len(contexts)))
-        neutral = None
-        if self.neutral_question:
-            neutral = lalm.to_device(lalm.encode([Prompt(self.neutral_question, audio=request.prompt.audio)]))
+        batch, neutral = edit_batches(lalm, request, self.prefixes, self.neutral_question)
         _, _, weights = self.sites[-1].keys_and_outputs(batch)
         neutral_weights = self.sites[-1].keys_and_outputs(neutral)[2] if neutral is not None else None
         delta = search_value(lalm, self.block, batch, weights, neutral, neutral_weights, **self.search)

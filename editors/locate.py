@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from editors.base import EditRequest
 from editors.preservation import preservation_prompts
 from lalms.base import IGNORE_INDEX, LALM, answer_nll, hidden, with_hidden
 from lalms.prompt import Prompt
@@ -206,6 +207,14 @@ def search_value(
     return delta.detach()
 
 
-def variants(prompt: Prompt, prefixes: Sequence[str]) -> list[Prompt]:
-    """The edit prompt with each prefix before its question (ROME's context variants)."""
-    return [replace(prompt, question=f"{p}{prompt.question}") for p in prefixes]
+def edit_batches(
+    lalm: LALM, request: EditRequest, prefixes: Sequence[str], neutral_question: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(the context variants answered with the target, the neutral question about the clip or
+    None): the edit question after each of `prefixes` (ROME's context variants), encoded."""
+    contexts = [replace(request.prompt, question=f"{p}{request.prompt.question}") for p in prefixes]
+    batch = lalm.to_device(lalm.encode(contexts, [request.target] * len(contexts)))
+    neutral = None
+    if neutral_question:
+        neutral = lalm.to_device(lalm.encode([Prompt(neutral_question, audio=request.prompt.audio)]))
+    return batch, neutral

@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from editors.base import EditRequest, WeightSnapshot
-from editors.locate import Site, search_value, second_moment, variants
+from editors.locate import Site, edit_batches, search_value, second_moment
 from lalms.base import LALM
-from lalms.prompt import Prompt
 
 
 class ROME:
@@ -68,18 +67,9 @@ class ROME:
             self._inverse[site.path] = torch.linalg.inv(c)
         return self._inverse[site.path]
 
-    def _batches(self, request: EditRequest):
-        lalm = self.lalm
-        contexts = variants(request.prompt, self.prefixes)
-        batch = lalm.to_device(lalm.encode(contexts, [request.target] * len(contexts)))
-        neutral = None
-        if self.neutral_question:
-            neutral = lalm.to_device(lalm.encode([Prompt(self.neutral_question, audio=request.prompt.audio)]))
-        return batch, neutral
-
     def update(self, site: Site, request: EditRequest) -> torch.Tensor:
         """The rank-one dW of `site` for `request`, computed on the model as it is now."""
-        batch, neutral = self._batches(request)
+        batch, neutral = edit_batches(self.lalm, request, self.prefixes, self.neutral_question)
         keys, _, weights = site.keys_and_outputs(batch)
         neutral_weights = site.keys_and_outputs(neutral)[2] if neutral is not None else None
         delta = search_value(self.lalm, site.module, batch, weights, neutral, neutral_weights, **self.search)
