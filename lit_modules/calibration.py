@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.examples import EditExample
 from editors.checkpoint import save_calibrated
-from lalms.base import LALM
+from lalms.base import LALM, greedy_hits
 from lit_modules.base import data_info, run_info
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,12 @@ class CalibrationModule(L.LightningModule, abc.ABC):
         )  # fmt: skip
         log.info("exported the calibrated %s editor (%s) to %s", name, self.chosen, out)
         return out
+
+    def answers(self, prompts: Sequence[Any], target: str) -> torch.Tensor:
+        """(N,) whether greedy decoding gives `target` for each prompt (one batch, no gradient)."""
+        batch = self.lalm.to_device(self.lalm.encode(list(prompts), [target] * len(prompts)))
+        with torch.no_grad():
+            return greedy_hits(self.lalm.logits(batch), batch["labels"])
 
     @property
     def editor_name(self) -> str:

@@ -2,16 +2,21 @@
 
 For each train edit and each candidate learning rate, stage 1 runs for at most `max_steps` with a
 loose norm bound (`max_clamp`) and stops at the first step whose delta makes greedy decoding give
-the target; the record is that step and |delta| / |h| then (or unsolved). The calibrated values:
+the target; the record is that step and |delta| / |h| then (or unsolved). The rule's values:
 - key_lr: the candidate that solves the most edits (ties: the fewest steps at the median);
 - key_steps: `margin` times the steps that a `coverage` share of its solved edits needed, so
   that the target state lies past the decision boundary, not on it (stage 2 only approximates
   it);
 - clamp_norm: `margin` times the |delta| / |h| that a `coverage` share of them needed.
-On the validation split stage 1 runs with the calibrated values and with the config's, and the
-share of edits it solves within its steps is reported for both, with the steps each costs. The
-export holds the preserved keys (the block's recorded call and original outputs on the
-preservation inputs), so no evaluation recomputes them.
+Stage 1 alone is not the goal: stage 2 only approximates the target state, and a target just
+past the decision boundary may not survive it. So on the validation split each edit is made end to
+end (stage 1 + 2) under the rule's values and under the config's, and scored by whether greedy
+decoding then gives the target on the edit prompt (reliability) and on its generality queries;
+the exported values are those with the higher reliability (ties: generality, then the config's,
+so that a calibration replaces the published settings only when it beats them). Without a
+validation split the rule's values are exported unchecked. The export holds the preserved keys
+(the block's recorded call and original outputs on the preservation inputs), so no evaluation
+recomputes them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 from datamodules.examples import EditExample
 from lalms.base import IGNORE_INDEX
 from lit_modules.calibration import CalibrationModule, edit_key
+
+SETTINGS = ("key_lr", "key_steps", "clamp_norm")  # what the calibration sets
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -51,39 +58,56 @@ class UnKECalibration(CalibrationModule):
         self.coverage, self.margin = coverage, margin
         self.save_hyperparameters(ignore=["lalm"])
         self._unke: Any = None
+        self._editors: dict[tuple, Any] = {}
 
     def unke(self) -> Any:
+        """The editor of the config: its stage 1 runs the train search, its preserved keys are
+        computed once and shared with the validation's editors."""
         if self._unke is None:
             self._unke = self.build()
         return self._unke
 
-    def _search(self, example: EditExample, **settings: Any) -> tuple[int | None, float | None, int]:
-        """(first solved step, |delta|/|h| then, steps run) of stage 1 on the example's edit."""
-        unke = self.unke()
+    def compared(self) -> dict[str, dict[str, Any]]:
+        """The stage-1 settings validation compares: the rule's and the config's."""
+        config = self.unke()
+        return {"calibrated": dict(self.summary["rule"]),
+                "config": {k: getattr(config, k) for k in SETTINGS}}  # fmt: skip
+
+    def editor(self, settings: dict[str, Any]) -> Any:
+        """An UnKE under `settings`, sharing the config editor's preserved keys."""
+        key = tuple(sorted(settings.items()))
+        if key not in self._editors:
+            self._editors[key] = self.build(**settings)
+            self._editors[key].load_state_dict(self.unke().state_dict())
+        return self._editors[key]
+
+    def _search(self, example: EditExample, lr: float) -> tuple[int | None, float | None]:
+        """(first solved step, |delta|/|h| then) of stage 1 on the example's edit at rate `lr`."""
         batch = self.lalm.to_device(self.lalm.encode([example.edit.prompt], [example.instance.target]))
         pos = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1
-        _, _, trace = unke.target_state(batch, pos, **settings)
-        steps = settings.get("steps") or unke.key_steps
-        ran = trace.solved_at + 1 if settings.get("until_solved") and trace.solved_at is not None else steps
-        return trace.solved_at, trace.norm, ran
+        _, _, trace = self.unke().target_state(
+            batch, pos, lr=lr, steps=self.max_steps, clamp_norm=self.max_clamp, until_solved=True
+        )
+        return trace.solved_at, trace.norm
 
     def record(self, examples: Sequence[EditExample], split: str) -> list[dict[str, Any]]:
         out = []
         for ex in examples:
             if split == "train":
                 for lr in self.key_lrs:
-                    solved, norm, _ = self._search(
-                        ex, lr=lr, steps=self.max_steps, clamp_norm=self.max_clamp, until_solved=True
-                    )
+                    solved, norm = self._search(ex, lr)
                     out.append({"edit": edit_key(ex), "key_lr": lr, "solved_at": solved, "norm": norm})
                 continue
-            chosen = {"lr": self.chosen["key_lr"], "steps": self.chosen["key_steps"],
-                      "clamp_norm": self.chosen["clamp_norm"]}  # fmt: skip
-            for setting, kwargs in (("calibrated", chosen), ("config", {})):
-                solved, _, ran = self._search(ex, **kwargs)
-                out.append(
-                    {"edit": edit_key(ex), "setting": setting, "solved": solved is not None, "steps": ran}
-                )
+            target = ex.instance.target
+            for setting, values in self.compared().items():  # stage 1 + 2, end to end
+                snapshot = self.editor(values).apply(ex.request())
+                try:
+                    reliable = bool(self.answers([ex.edit.prompt], target)[0])
+                    general = self.answers([g.prompt for g in ex.generality], target).float().mean()
+                finally:
+                    snapshot.undo()
+                out.append({"edit": edit_key(ex), "setting": setting, "reliable": reliable,
+                            "general": round(float(general), 4)})  # fmt: skip
         return out
 
     def step_logs(self, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -113,22 +137,29 @@ class UnKECalibration(CalibrationModule):
                 f"UnKE calibration: stage 1 solved none of {len(train) // len(self.key_lrs)} train edits "
                 f"with learning rates {self.key_lrs} in {self.max_steps} steps; widen key_lrs or max_steps"
             )
-        chosen = {
+        rule = {
             "key_lr": best["key_lr"],
             "key_steps": min(
                 self.max_steps, max(1, math.ceil(self.margin * (best["steps_at_coverage"] + 1)))
             ),
             "clamp_norm": round(min(self.max_clamp, self.margin * best["norm_at_coverage"]), 4),
         }
-        return chosen, {"candidates": per, "coverage": self.coverage, "margin": self.margin}
+        return rule, {"candidates": per, "coverage": self.coverage, "margin": self.margin, "rule": dict(rule)}
 
     def score(self, val: list[dict[str, Any]]) -> dict[str, float]:
-        out = {}
-        for setting in ("calibrated", "config"):
+        """End-to-end reliability and generality of each compared setting; the better is chosen."""
+        figures: dict[str, float] = {}
+        for setting in self.compared():
             rows = [r for r in val if r["setting"] == setting]
-            out[f"{setting}/solved"] = round(sum(r["solved"] for r in rows) / len(rows), 4)
-            out[f"{setting}/mean_steps"] = round(sum(r["steps"] for r in rows) / len(rows), 2)
-        return out
+            figures[f"{setting}/reliability"] = round(sum(r["reliable"] for r in rows) / len(rows), 4)
+            figures[f"{setting}/generality"] = round(sum(r["general"] for r in rows) / len(rows), 4)
+        winner = max(
+            self.compared(),
+            key=lambda s: (figures[f"{s}/reliability"], figures[f"{s}/generality"], s == "config"),
+        )
+        self.chosen = self.compared()[winner]
+        self.summary["validated"] = winner
+        return {**figures, "kept_config": float(winner == "config")}
 
     def exported_editor(self) -> Any:
         return self.unke()

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from datamodules.examples import EditExample
-from lalms.base import greedy_hits
 from lit_modules.calibration import CalibrationModule, best_threshold, edit_key
 
 
@@ -55,9 +54,7 @@ class WISECalibration(CalibrationModule):
                 try:
                     d = wise.distances([ex.edit.prompt, *inside, *outside])
                     r = (d / d[0].clamp(min=1e-12)).tolist()
-                    batch = self.lalm.to_device(self.lalm.encode([ex.edit.prompt], [request.target]))
-                    with torch.no_grad():
-                        success = bool(greedy_hits(self.lalm.logits(batch), batch["labels"])[0])
+                    success = bool(self.answers([ex.edit.prompt], request.target)[0])
                 finally:
                     handle.undo()
                 out.append(

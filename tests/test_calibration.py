@@ -109,12 +109,25 @@ def test_unke_calibration_chooses_the_key_search_and_exports_the_preserved_keys(
     assert all(s is not None for s in solved[1.0])
 
     info = read_info(out)
-    chosen = info["calibration"]["chosen"]
-    best = max(info["calibration"]["candidates"], key=lambda c: (c["solved"], -(c["median_steps"] or 1e9)))
-    assert chosen["key_lr"] == best["key_lr"]
-    assert chosen["key_steps"] == min(40, int(-(-1.5 * (best["steps_at_coverage"] + 1) // 1)))
-    assert chosen["clamp_norm"] == pytest.approx(1.5 * best["norm_at_coverage"], abs=1e-3)
-    assert {"calibrated/solved", "config/solved"} <= set(info["calibration"]["val"])
+    calibration = info["calibration"]
+    rule = calibration["rule"]
+    best = max(calibration["candidates"], key=lambda c: (c["solved"], -(c["median_steps"] or 1e9)))
+    assert rule["key_lr"] == best["key_lr"]
+    assert rule["key_steps"] == min(40, int(-(-1.5 * (best["steps_at_coverage"] + 1) // 1)))
+    assert rule["clamp_norm"] == pytest.approx(1.5 * best["norm_at_coverage"], abs=1e-3)
+
+    # Validation made each held-out edit end to end under both settings and kept the better one.
+    val = calibration["val"]
+    assert val["edits"] == 2 and len(module.records["val"]) == 2 * 2
+    config = {"key_lr": 0.5, "key_steps": 25, "clamp_norm": 4.0}  # UnKE's defaults (unke_cfg sets none)
+    figures = {s: (val[f"{s}/reliability"], val[f"{s}/generality"]) for s in ("calibrated", "config")}
+    winner = "calibrated" if figures["calibrated"] > figures["config"] else "config"
+    assert calibration["validated"] == winner and val["kept_config"] == (winner == "config")
+    chosen = calibration["chosen"]
+    assert chosen == (rule if winner == "calibrated" else config)
+    for setting, (reliability, _) in figures.items():
+        rows = [r for r in module.records["val"] if r["setting"] == setting]
+        assert reliability == sum(r["reliable"] for r in rows) / 2
 
     unke = load_editor(out, shipped_lalm)
     assert unke.key_lr == chosen["key_lr"] and unke.key_steps == chosen["key_steps"]
@@ -151,3 +164,22 @@ def test_a_killed_calibration_resumes_with_the_edits_already_recorded(shipped_la
     assert [r["edit"] for r in resumed.records["train"]] == [r["edit"] for r in whole.records["train"]]
     assert resumed.records["train"] == whole.records["train"] and resumed.chosen == whole.chosen
     assert yaml.safe_dump(resumed.summary) == yaml.safe_dump(whole.summary)
+
+
+def test_unke_validation_keeps_the_config_unless_the_calibration_edits_better(shipped_lalm, mini_dir):
+    module = UnKECalibration(shipped_lalm, unke_cfg(mini_dir, key_lr=0.5, key_steps=25, clamp_norm=4.0))
+    rule = {"key_lr": 1.0, "key_steps": 9, "clamp_norm": 2.0}
+    module.summary = {"rule": dict(rule)}
+
+    def records(calibrated, config):  # (reliable, generality) per edit of each setting
+        return [{"edit": f"e{i}", "setting": s, "reliable": r, "general": g}
+                for s, rows in (("calibrated", calibrated), ("config", config))
+                for i, (r, g) in enumerate(rows)]  # fmt: skip
+
+    module.score(records([(True, 0.0), (False, 1.0)], [(True, 0.0), (True, 0.0)]))  # config: more reliable
+    assert module.chosen == {"key_lr": 0.5, "key_steps": 25, "clamp_norm": 4.0}
+    assert module.summary["validated"] == "config"
+    figures = module.score(records([(True, 0.5), (True, 0.0)], [(True, 0.0), (True, 0.0)]))  # tie: generality
+    assert module.chosen == rule and figures["calibrated/generality"] == 0.25 and figures["kept_config"] == 0
+    module.score(records([(True, 0.0)], [(True, 0.0)]))  # a full tie keeps the published settings
+    assert module.summary["validated"] == "config"
