@@ -155,9 +155,10 @@ def search_value(
 ) -> torch.Tensor:
     """The additive delta at `module`'s output (added at each row's key positions: where
     `weights` > 0) that makes the model answer `batch`'s labels: Adam on NLL + kl_weight * KL(before
-    || after) of the next-token distribution at the last position of `neutral` + weight decay,
-    its norm clamped to `clamp_norm` times the layer's mean output norm over all positions (at a
-    single position the output can be near zero, which would forbid any edit)."""
+    || after) of the next-token distribution at the last position of `neutral` + weight_decay *
+    (|delta| / s)^2, its norm clamped to `clamp_norm` * s, where s is the layer's mean output norm
+    over all positions (at a single position the output can be near zero, which would forbid any
+    edit). Both are relative to s, so the settings carry across layers and models of any scale."""
     delta: torch.Tensor | None = None
     scale: list[torch.Tensor] = []
 
@@ -188,7 +189,8 @@ def search_value(
         for _ in range(steps):
             handle = module.register_forward_hook(add(weights))
             try:
-                loss = answer_nll(lalm.logits(batch), batch["labels"]) + weight_decay * delta.pow(2).sum()
+                decay = weight_decay * (delta.norm() / scale[0]) ** 2  # scale-free, as the clamp
+                loss = answer_nll(lalm.logits(batch), batch["labels"]) + decay
             finally:
                 handle.remove()
             if neutral is not None:
