@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from editors.base import EditRequest, WeightSnapshot
-from editors.locate import Site, edit_batches, search_value, second_moment
+from editors.locate import Site, edit_batches, search_delta, second_moment
 from lalms.base import LALM, hidden
 
 
@@ -89,7 +89,7 @@ class AlphaEdit:
         batch, neutral = edit_batches(lalm, request, self.prefixes, self.neutral_question)
         _, _, weights = self.sites[-1].keys_and_outputs(batch)
         neutral_weights = self.sites[-1].keys_and_outputs(neutral)[2] if neutral is not None else None
-        delta = search_value(lalm, self.block, batch, weights, neutral, neutral_weights, **self.search)
+        delta, _ = search_delta(lalm, self.block, batch, weights, neutral, neutral_weights, **self.search)
         target = self._residual_at(batch, weights) + delta
         snapshot = WeightSnapshot(lalm.model, [s.param for s in self.sites])
         before = {k: v.clone() for k, v in self.previous.items()}

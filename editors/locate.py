@@ -1,6 +1,6 @@
 """What the locate-then-edit editors (ROME, AlphaEdit) share: the keys of a linear layer, their
 second moment over a generic corpus (cached on disk per model and layer), and the search for a
-target value at a module's output.
+target value at a module's output (UnKE's stage 1 is the same search).
 
 Keys are a linear layer's inputs. Where they are read (`position`):
 - `last`: the last prompt position (the one that predicts the answer);
@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from editors.base import EditRequest
 from editors.preservation import preservation_prompts
-from lalms.base import IGNORE_INDEX, LALM, answer_nll, hidden, with_hidden
+from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits, hidden, with_hidden
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -140,25 +140,42 @@ def second_moment(
     return moment
 
 
-def search_value(
+@dataclass
+class KeySearch:
+    """A delta search's trace: the first step at which the delta made greedy decoding produce
+    the labels (None: never), and |delta| / scale then. `train.py editor=unke` calibrates on it."""
+
+    solved_at: int | None = None
+    norm: float | None = None
+
+
+def search_delta(
     lalm: LALM,
     module: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    weights: torch.Tensor,
-    neutral: dict[str, torch.Tensor] | None,
-    neutral_weights: torch.Tensor | None,
+    where: torch.Tensor,
+    neutral: dict[str, torch.Tensor] | None = None,
+    neutral_where: torch.Tensor | None = None,
     lr: float = 0.5,
     steps: int = 25,
     kl_weight: float = 0.0625,
     weight_decay: float = 1e-3,
     clamp_norm: float = 4.0,
-) -> torch.Tensor:
-    """The additive delta at `module`'s output (added at each row's key positions: where
-    `weights` > 0) that makes the model answer `batch`'s labels: Adam on NLL + kl_weight * KL(before
-    || after) of the next-token distribution at the last position of `neutral` + weight_decay *
-    (|delta| / s)^2, its norm clamped to `clamp_norm` * s, where s is the layer's mean output norm
-    over all positions (at a single position the output can be near zero, which would forbid any
-    edit). Both are relative to s, so the settings carry across layers and models of any scale."""
+    scale_by: str = "layer",
+    until_solved: bool = False,
+) -> tuple[torch.Tensor, KeySearch]:
+    """(delta, trace): the additive delta at `module`'s output, added at each row's positions
+    where `where` > 0 ((B, T)), that makes the model answer `batch`'s labels. Adam on NLL +
+    kl_weight * KL(before || after) of the next-token distribution at the last position of
+    `neutral` (delta added where `neutral_where` > 0) + weight_decay * (|delta| / s)^2, with
+    |delta| clamped to clamp_norm * s. The scale s of the unedited output is
+    - `layer`: its mean norm over all positions (ROME, AlphaEdit: at the last position alone an
+      MLP output can be near zero, which would forbid any edit);
+    - `positions`: its mean norm at the edited positions (UnKE: the state it moves).
+    Both terms are relative to s, so the settings carry across layers and models of any scale.
+    `until_solved` stops at the first step whose delta makes greedy decoding give the labels."""
+    if scale_by not in ("layer", "positions"):
+        raise ValueError(f"search_delta: scale_by is 'layer' or 'positions', got {scale_by!r}")
     delta: torch.Tensor | None = None
     scale: list[torch.Tensor] = []
 
@@ -166,14 +183,15 @@ def search_value(
         def hook(m, args, out):
             nonlocal delta
             h = hidden(out)
-            if delta is None:  # first call: size the delta and the clamp from the unedited output
+            if delta is None:  # first call: size the delta and the scale from the unedited output
                 delta = torch.zeros(h.shape[-1], device=h.device, dtype=torch.float, requires_grad=True)
-                scale.append(h.detach().float().norm(dim=-1).mean())  # the layer's typical output norm
-            return with_hidden(out, h + (w > 0).to(h.dtype)[..., None] * delta.to(h.dtype))
+                norms = h.detach().float().norm(dim=-1)
+                scale.append(norms.mean() if scale_by == "layer" else norms[w.to(h.device) > 0].mean())
+            return with_hidden(out, h + (w > 0).to(h.device, h.dtype)[..., None] * delta.to(h.dtype))
 
         return hook
 
-    handle = module.register_forward_hook(add(weights))
+    handle = module.register_forward_hook(add(where))
     try:
         with torch.no_grad():
             lalm.logits(batch)  # sizes the delta
@@ -185,16 +203,22 @@ def search_value(
             before = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
     optimizer = torch.optim.Adam([delta], lr=lr)
     limit = clamp_norm * scale[0]
+    trace = KeySearch()
     with torch.enable_grad():
-        for _ in range(steps):
-            handle = module.register_forward_hook(add(weights))
+        for step in range(steps):
+            handle = module.register_forward_hook(add(where))
             try:
-                decay = weight_decay * (delta.norm() / scale[0]) ** 2  # scale-free, as the clamp
-                loss = answer_nll(lalm.logits(batch), batch["labels"]) + decay
+                logits = lalm.logits(batch)
             finally:
                 handle.remove()
+            if trace.solved_at is None and bool(greedy_hits(logits, batch["labels"]).all()):
+                trace.solved_at, trace.norm = step, float(delta.detach().norm() / scale[0])
+                if until_solved:
+                    break
+            decay = weight_decay * (delta.norm() / scale[0]) ** 2
+            loss = answer_nll(logits, batch["labels"]) + decay
             if neutral is not None:
-                handle = module.register_forward_hook(add(neutral_weights))
+                handle = module.register_forward_hook(add(neutral_where))
                 try:
                     after = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
                 finally:
@@ -206,7 +230,7 @@ def search_value(
             with torch.no_grad():
                 if delta.norm() > limit:
                     delta.mul_(limit / delta.norm())
-    return delta.detach()
+    return delta.detach(), trace
 
 
 def edit_batches(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from editors.base import EditRequest, WeightSnapshot
-from editors.locate import Site, edit_batches, search_value, second_moment
+from editors.locate import Site, edit_batches, search_delta, second_moment
 from lalms.base import LALM
 
 
@@ -72,7 +72,9 @@ class ROME:
         batch, neutral = edit_batches(self.lalm, request, self.prefixes, self.neutral_question)
         keys, _, weights = site.keys_and_outputs(batch)
         neutral_weights = site.keys_and_outputs(neutral)[2] if neutral is not None else None
-        delta = search_value(self.lalm, site.module, batch, weights, neutral, neutral_weights, **self.search)
+        delta, _ = search_delta(
+            self.lalm, site.module, batch, weights, neutral, neutral_weights, **self.search
+        )
         k = keys.float().mean(0)
         ck = self.inverse_moment(site) @ k
         return torch.outer(delta, ck) / (k @ ck)

@@ -22,24 +22,15 @@ written in place behind a `WeightSnapshot`, so undo is bitwise and sequential ed
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from editors.base import EditRequest, WeightSnapshot
+from editors.locate import KeySearch, search_delta
 from editors.preservation import preservation_prompts
-from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits, hidden, with_hidden
-
-
-@dataclass
-class KeySearch:
-    """Stage 1's trace: the first step at which the delta made greedy decoding produce the
-    target (None: never), and |delta| / |h| then. `train.py editor=unke` calibrates on these."""
-
-    solved_at: int | None = None
-    norm: float | None = None
+from lalms.base import IGNORE_INDEX, LALM, hidden
 
 
 class _Stop(Exception):
@@ -137,38 +128,15 @@ class UnKE:
         """Stage 1: (original state, target state, the search's trace) of the block's output at
         `pos` of row 0; `lr`, `steps` and `clamp_norm` default to the editor's. `until_solved`
         stops at the first step whose delta makes greedy decoding give the target."""
-        lr, steps = lr or self.key_lr, steps or self.key_steps
-        original = self.block_call(batch)[2][0, pos]
-        delta = torch.zeros_like(original, requires_grad=True)
-        optimizer = torch.optim.Adam([delta], lr=lr)
-        limit = (clamp_norm or self.clamp_norm) * original.norm()
-        trace = KeySearch()
-
-        def add(module, args, output):
-            h = hidden(output).clone()
-            h[0, pos] = h[0, pos] + delta
-            return with_hidden(output, h)
-
-        hook = self.block.register_forward_hook(add)
-        try:
-            with torch.enable_grad():
-                for step in range(steps):
-                    logits = self.lalm.logits(batch)
-                    if trace.solved_at is None and bool(greedy_hits(logits, batch["labels"]).all()):
-                        trace.solved_at, trace.norm = step, float(delta.detach().norm() / original.norm())
-                        if until_solved:
-                            break
-                    decay = self.key_wd * (delta.norm() / original.norm()) ** 2  # scale-free
-                    loss = answer_nll(logits, batch["labels"]) + decay
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        if delta.norm() > limit:
-                            delta.mul_(limit / delta.norm())
-        finally:
-            hook.remove()
-        return original, (original + delta).detach(), trace
+        out = self.block_call(batch)[2]
+        where = torch.zeros(out.shape[:2])
+        where[0, pos] = 1.0
+        delta, trace = search_delta(
+            self.lalm, self.block, batch, where,
+            lr=lr or self.key_lr, steps=steps or self.key_steps, weight_decay=self.key_wd,
+            clamp_norm=clamp_norm or self.clamp_norm, scale_by="positions", until_solved=until_solved,
+        )  # fmt: skip
+        return out[0, pos], out[0, pos] + delta.to(out.dtype), trace
 
     def apply(self, request: EditRequest) -> WeightSnapshot:
         batch = self.lalm.to_device(self.lalm.encode([request.prompt], [request.target]))
