@@ -8,10 +8,10 @@ the target; the record is that step and |delta| / |h| then (or unsolved). The ru
   that the target state lies past the decision boundary, not on it (stage 2 only approximates
   it);
 - clamp_norm: `margin` times the |delta| / |h| that a `coverage` share of them needed.
-Stage 1 alone is not the goal: stage 2 only approximates the target state, and a target just
-past the decision boundary may not survive it. So on the validation split each edit is made end to
-end (stage 1 + 2) under the rule's values and under the config's, and scored by whether greedy
-decoding then gives the target on the edit prompt (reliability) and on its generality queries;
+Stage 1 alone is not the goal: what counts is the edit after stage 2, which only approximates
+the target state. So on the validation split each edit is made end to end (stage 1 + 2) under
+the rule's values and under the config's, and scored by whether greedy decoding then gives the
+target on the edit prompt (reliability) and on its generality queries;
 the exported values are those with the higher reliability (ties: generality, then the config's,
 so that a calibration replaces the published settings only when it beats them). Without a
 validation split the rule's values are exported unchecked. The export holds the preserved keys
