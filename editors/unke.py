@@ -138,9 +138,14 @@ class UnKE:
         )  # fmt: skip
         return out[0, pos], out[0, pos] + delta.to(out.dtype), trace
 
+    def edit_batch(self, prompt: Any, target: str) -> tuple[dict[str, torch.Tensor], int]:
+        """The edit prompt answered with `target`, encoded, and its last prompt position (the one
+        that predicts the answer)."""
+        batch = self.lalm.to_device(self.lalm.encode([prompt], [target]))
+        return batch, int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1
+
     def apply(self, request: EditRequest) -> WeightSnapshot:
-        batch = self.lalm.to_device(self.lalm.encode([request.prompt], [request.target]))
-        pos = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1  # last prompt position
+        batch, pos = self.edit_batch(request.prompt, request.target)
         original, target, _ = self.target_state(batch, pos)
         self.target_norms.append(float((target - original).norm() / original.norm()))
         args, kwargs, _ = self.block_call(batch)

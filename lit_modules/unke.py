@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from datamodules.examples import EditExample
-from lalms.base import IGNORE_INDEX
 from lit_modules.calibration import CalibrationModule, edit_key
 
 SETTINGS = ("key_lr", "key_steps", "clamp_norm")  # what the calibration sets
@@ -83,8 +82,7 @@ class UnKECalibration(CalibrationModule):
 
     def _search(self, example: EditExample, lr: float) -> tuple[int | None, float | None]:
         """(first solved step, |delta|/|h| then) of stage 1 on the example's edit at rate `lr`."""
-        batch = self.lalm.to_device(self.lalm.encode([example.edit.prompt], [example.instance.target]))
-        pos = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) - 1
+        batch, pos = self.unke().edit_batch(example.edit.prompt, example.instance.target)
         _, _, trace = self.unke().target_state(
             batch, pos, lr=lr, steps=self.max_steps, clamp_norm=self.max_clamp, until_solved=True
         )
