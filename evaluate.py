@@ -75,7 +75,8 @@ def main(cfg: DictConfig) -> None:
     identity = {"editor": name, "model": f"{lalm.name} ({lalm.fingerprint()})", "data": data.name}
     identity |= {"judge": judge.name, "max_new_tokens": cfg.max_new_tokens}
     sweeps = (cfg.sweeps, data.test_instances(), data.test_sequences() if "sequential" in cfg.sweeps else [])
-    metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, settings=settings, **cfg.sequential)
+    report_data = {"settings": settings, "data_report": data.report()}
+    metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, **report_data, **cfg.sequential)
     if fabric.global_rank == 0:
         log.info("\n%s\nfull report: %s", report.summary(metrics), out_dir / "report.md")
     return metrics

@@ -20,7 +20,8 @@ _EXPORTS = {
     "EditInstance": "datamodules.schema",
     "Query": "datamodules.schema",
     "SchemaError": "datamodules.schema",
-    "parse_options": "datamodules.schema",
+    "parse_options": "datamodules.options",
+    "resolve_answer": "datamodules.options",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 from collections.abc import Iterator
 from functools import partial
@@ -25,8 +24,25 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from datamodules.audio_io import AudioResolver
+from datamodules.availability import (
+    MissingAudio,
+    MissingAudioError,
+    drop_missing,
+    find_missing,
+    without_missing,
+)
 from datamodules.examples import EditExample, to_example
-from datamodules.loader import SEQ_FILE, TEST_DIR, TRAIN_DIR, VAL_FILE, SakeData, data_root
+from datamodules.loader import (
+    SEQ_FILE,
+    TEST_DIR,
+    TRAIN_DIR,
+    VAL_FILE,
+    SakeData,
+    data_root,
+    edit_key,
+    train_files,
+    validation_keys,
+)
 from datamodules.mini.build import ensure_mini
 from datamodules.schema import ATTRIBUTES, EditInstance, parse_instance
 
@@ -64,9 +80,15 @@ class DecodedStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, stream: datasets.IterableDataset, resolver: AudioResolver, rate: int, length: int | None
+        self,
+        stream: datasets.IterableDataset,
+        resolver: AudioResolver,
+        rate: int,
+        length: int | None,
+        missing: MissingAudio | None = None,
     ):
         self.stream, self.resolver, self.rate, self.length = stream, resolver, rate, length
+        self.missing = missing  # clips to leave out (data.skip_missing_audio)
         self.skip = 0  # records to pass over undecoded: a resumed run's already-trained part
 
     def set_epoch(self, epoch: int) -> None:
@@ -75,6 +97,8 @@ class DecodedStream(torch.utils.data.IterableDataset):
     def decode(self, raw: dict[str, Any]) -> EditExample:
         record = {k: v for k, v in raw.items() if k not in TAGS}
         inst = parse_instance(record, raw["_source"], raw["_index"], raw["_attribute"])
+        if self.missing is not None and self.missing.files:
+            inst = without_missing(inst, self.missing)  # the stream holds no edit whose clip is missing
         return to_example(inst, self.resolver, self.rate)
 
     def __iter__(self) -> Iterator[EditExample]:
@@ -120,6 +144,7 @@ class SakeDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         max_instances: int | None = None,
+        skip_missing_audio: bool = False,
     ) -> None:
         super().__init__()
         if num_workers not in (0, 1):
@@ -134,18 +159,56 @@ class SakeDataModule(L.LightningDataModule):
         if max_instances is not None and max_instances < 1:
             raise ValueError(f"data.max_instances must be a positive number or null, got {max_instances}")
         self.max_instances = max_instances  # smoke runs: the first N instances of each split
+        self.skip_missing_audio = skip_missing_audio
+        self.missing: dict[str, MissingAudio] = {}  # per use (fit, test): what was left out
         self._consumed = {"epoch": 0, "batches": 0}  # training batches used in this epoch
         self._resume: dict[str, int] | None = None
+        self._data: SakeData | None = None
+        self._left_out: set[tuple] | None = None  # edits whose own clip is missing (after setup)
 
     def prepare_data(self) -> None:
         if self.build_mini:
             ensure_mini(self.root, self.mini_seed)
 
+    def data(self) -> SakeData:
+        """Every split, parsed once (the train split without the validation edits)."""
+        if self._data is None:
+            self._data = SakeData.load(self.root)
+        return self._data
+
+    def resolver(self) -> AudioResolver:
+        return AudioResolver(self.audio_root)
+
+    def find_missing(self, use: str, instances: list[EditInstance]) -> MissingAudio:
+        """The clips `instances` need that are not on disk: a MissingAudioError saying which,
+        unless skip_missing_audio (then they are kept in `self.missing[use]` for the reports)."""
+        missing = find_missing(instances, self.resolver())
+        if missing.files and not self.skip_missing_audio:
+            raise MissingAudioError(
+                f"{self.name} ({self.root}): the {use} data needs {missing.describe()} under "
+                f"data.audio_root={self.audio_root}. Fetch them (python -m datamodules.sake check "
+                f"{self.root} --audio-root {self.audio_root} lists them), or set "
+                f"data.skip_missing_audio=true to drop the queries that need them."
+            )
+        if missing.files:
+            log.warning("%s data: %s; the queries that need them are dropped", use, missing.describe())
+            self.missing[use] = missing
+        return missing
+
+    def setup(self, stage: str | None = None) -> None:
+        """Before training: every clip of the train and validation splits must be on disk (or,
+        with skip_missing_audio, the edits whose clip is missing leave the streams)."""
+        if stage not in (None, "fit", "validate") or self._left_out is not None:
+            return
+        instances = [*self.data().train, *self.data().val]
+        missing = self.find_missing("fit", instances)
+        gone = [i for i in instances if without_missing(i, missing) is None]
+        self._left_out = {edit_key(i.raw, i.attribute) for i in gone}
+
     def files(self, split: str) -> list[tuple[Path, str | None]]:
         root = data_root(self.root)
         if split == "train":
-            found = [(root / TRAIN_DIR / f"{a.capitalize()}.json", a) for a in ATTRIBUTES]
-            found = [(p, a) for p, a in found if p.is_file()]
+            found = train_files(root)
         elif split == "val":
             found = [(root / VAL_FILE, None)] if (root / VAL_FILE).is_file() else []
         else:
@@ -155,31 +218,41 @@ class SakeDataModule(L.LightningDataModule):
         return found
 
     def dataset(self, split: str, rank: int = 0, world_size: int = 1, even: bool = True) -> DecodedStream:
-        files = self.files(split)
-        stream = record_stream(files)
+        """One rank's stream of a split: records in file order (train: shuffled through a buffer),
+        the train split without the validation edits, and without edits whose clip is missing."""
+        data = self.data()
+        instances = data.train if split == "train" else data.val
+        left_out = set(self._left_out or ())
+        if split == "train":
+            left_out |= validation_keys(data_root(self.root))
+        stream = record_stream(self.files(split))
+        if left_out:
+            stream = stream.filter(lambda r: edit_key(r, r["_attribute"]) not in left_out)
         if split == "train":
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        total = sum(len(json.loads(p.read_text(encoding="utf-8"))) for p, _ in files)
+        total = sum(edit_key(i.raw, i.attribute) not in left_out for i in instances)
         if self.max_instances:
             stream, total = stream.take(self.max_instances), min(total, self.max_instances)
         length = -(-total // world_size) if even and world_size > 1 else None
-        return DecodedStream(
-            shard(stream, rank, world_size), AudioResolver(self.audio_root), self.rate, length
-        )
+        missing = self.missing.get("fit")
+        return DecodedStream(shard(stream, rank, world_size), self.resolver(), self.rate, length, missing)
 
     def test_instances(self) -> list[EditInstance]:
         """The single-editing test split, attributes taken in turn (gender, emotion, language,
-        animal, gender, ...), so that the first `max_instances` cover every attribute."""
-        test = SakeData.load(self.root).test
+        animal, gender, ...), so that the first `max_instances` cover every attribute. Clips that
+        are missing stop the run, or with skip_missing_audio are left out (`missing["test"]`)."""
+        test = self.data().test
         if not test:
             raise FileNotFoundError(f"{data_root(self.root)}/{TEST_DIR}: no single-editing test files")
         groups = [[i for i in test if i.attribute == a] for a in ATTRIBUTES]
         turns = [i for row in itertools.zip_longest(*groups) for i in row if i is not None]
-        return turns[: self.max_instances]
+        chosen = turns[: self.max_instances]
+        return drop_missing(chosen, self.find_missing("test", chosen))
 
     def test_sequences(self) -> list[list[EditInstance]]:
-        """The sequential-editing sequences; with `max_instances`, their first N edits in order."""
-        seqs = SakeData.load(self.root).sequences
+        """The sequential-editing sequences; with `max_instances`, their first N edits in order.
+        Edits whose clip is missing are left out of their sequence (with skip_missing_audio)."""
+        seqs = self.data().sequences
         if not seqs:
             raise FileNotFoundError(f"{data_root(self.root)}/{SEQ_FILE}: no sequential-editing file")
         out, left = [], self.max_instances or sum(len(s) for s in seqs)
@@ -188,7 +261,15 @@ class SakeDataModule(L.LightningDataModule):
                 break
             out.append(seq[:left])
             left -= len(out[-1])
-        return out
+        missing = self.find_missing("sequential", [i for s in out for i in s])
+        return [drop_missing(s, missing) for s in out]
+
+    def report(self) -> dict[str, Any]:
+        """What the reports say about the data beyond its name: what was left out for missing
+        audio (data.skip_missing_audio), per use."""
+        if not self.missing:
+            return {}
+        return {"missing_audio": {use: m.report() for use, m in self.missing.items()}}
 
     def world(self) -> dict[str, Any] | None:
         """SAKE-mini's world.yaml (labels, knowledge base), or None for data without one."""

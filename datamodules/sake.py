@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 from datamodules.audio_io import AudioError, AudioResolver, load_audio
+from datamodules.availability import MissingAudio, find_missing
 from datamodules.loader import SakeData
 from datamodules.schema import ATTRIBUTES, EditInstance, SchemaError, norm_label
+from evaluation.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def summarize(data: SakeData) -> list[str]:
                     f"  {attr:<9} original/target: "
                     + ", ".join(f"{lab} {orig[lab]}/{targ[lab]}" for lab in labels)
                 )
+    if data.overlap:
+        lines.append(f"train      {data.overlap} records left out: they are validation edits (ALL_val.json)")
     if data.sequences:
         lines.append(
             f"sequences  {len(data.sequences)} of lengths {sorted({len(s) for s in data.sequences})}"
@@ -55,32 +59,66 @@ def summarize(data: SakeData) -> list[str]:
     return lines
 
 
+def option_report(items: Iterable[EditInstance]) -> list[str]:
+    """Per track: distinct questions, how many state readable options, and how many answers
+    name one of them (label ids such as `vocal_fry` or `C` resolved)."""
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    seen: set[tuple[str, str, str]] = set()
+    for inst in items:
+        for q in inst.queries():
+            track = q.track or "text QA"
+            if (track, q.question, q.answer) in seen:
+                continue
+            seen.add((track, q.question, q.answer))
+            row = per[track]
+            row[0] += 1
+            row[1] += bool(q.options)
+            row[2] += q.truth is not None
+    def short(track: str, width: int = 48) -> str:
+        track = track.removeprefix("DynamicSuperb/")
+        return track if len(track) <= width else track[: width - 3] + "..."
+
+    lines = ["options per track (distinct questions; general-audio tasks by their DynamicSuperb/ name):",
+             f"  {'':<48} questions  with options  answer is one"]  # fmt: skip
+    for track in sorted(per, key=lambda t: (t.startswith("DynamicSuperb/"), t)):
+        n, with_options, resolved = per[track]
+        lines.append(f"  {short(track):<48} {n:>9}  {with_options:>12}  {resolved:>13}")
+    return lines
+
+
 def answer_warnings(items: Iterable[EditInstance]) -> list[str]:
     out = []
     for inst in items:
         for q in inst.queries():
-            if norm_label(q.answer) not in {norm_label(o) for o in q.options}:
+            if q.options and q.truth is None:
                 where = f"{inst.source}: record {inst.index}: {q.name}"
                 out.append(f"{where}: answer {q.answer!r} is not among its options")
     return out
 
 
 def audio_problems(
-    items: Iterable[EditInstance], resolver: AudioResolver, rate: int = 16000
-) -> tuple[int, list[str]]:
-    """(number of distinct audio references, problems) for every audio file the items use."""
+    items: Iterable[EditInstance], resolver: AudioResolver, rate: int = 16000, decode: bool = True
+) -> tuple[int, MissingAudio, list[str]]:
+    """(distinct audio references, the missing ones, the found ones that cannot be decoded)."""
+    items = list(items)
     refs = {(q.file, q.track) for inst in items for q in inst.queries() if q.file}
-    problems = []
-    for file, track in sorted(refs, key=lambda r: (r[1] or "", r[0])):
-        try:
-            load_audio(resolver.path(file, track), rate)
-        except AudioError as err:
-            problems.append(str(err))
-    return len(refs), problems
+    missing = find_missing(items, resolver)
+    unreadable = []
+    if decode:
+        found = sorted(refs - missing.files, key=lambda r: (r[1] or "", r[0]))
+        with progress_bar("decoding audio", len(found), "clips") as advance:
+            for file, track in found:
+                try:
+                    load_audio(resolver.path(file, track), rate)
+                except AudioError as err:
+                    unreadable.append(str(err))
+                advance(1)
+    return len(refs), missing, unreadable
 
 
-def check(path: str | Path, audio_root: str | Path | None = None, show: int = 5) -> int:
-    """Validate a dataset; print counts and problems. Returns the process exit code."""
+def check(path: str | Path, audio_root: str | Path | None = None, show: int = 5, decode: bool = True) -> int:
+    """Validate a dataset; print counts and problems. Returns the process exit code: 2 for a
+    record that breaks the schema, 1 for missing or unreadable audio, 0 otherwise."""
     try:
         data = SakeData.load(path)
     except (SchemaError, FileNotFoundError) as err:
@@ -89,9 +127,10 @@ def check(path: str | Path, audio_root: str | Path | None = None, show: int = 5)
     print(f"SAKE data at {data.root}")
     print("\n".join(summarize(data)))
     items = [i for split in data.splits().values() for i in split]
+    print("\n".join(option_report(items)))
     warnings = answer_warnings(items)
     if warnings:
-        print(f"warning: {len(warnings)} answers not among their options, e.g.:")
+        print(f"note: {len(warnings)} answers name none of their question's options (judged as text), e.g.:")
         print("\n".join(f"  {w}" for w in warnings[:show]))
     if audio_root is None:
         return 0
@@ -100,11 +139,14 @@ def check(path: str | Path, audio_root: str | Path | None = None, show: int = 5)
     except AudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    n, problems = audio_problems(items, resolver)
-    print(f"audio: {n} files referenced, {len(problems)} missing or unreadable")
-    for p in problems[:show]:
+    n, missing, unreadable = audio_problems(items, resolver, decode=decode)
+    print(f"audio: {n} clips referenced, {len(missing.files)} missing, {len(unreadable)} unreadable")
+    for track, count in sorted(missing.by_track().items()):
+        examples = sorted(f for f, t in missing.files if (t or "(no track)") == track)[:show]
+        print(f"  missing {track}: {count} (e.g. {', '.join(examples)})")
+    for p in unreadable[:show]:
         print(f"  {p}")
-    return 1 if problems else 0
+    return 1 if missing.files or unreadable else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="validate a SAKE-format dataset")
     c.add_argument("data_dir", type=Path)
-    c.add_argument("--audio-root", type=Path, default=None)
+    c.add_argument("--audio-root", type=Path, default=None, help="check that every clip is there")
+    c.add_argument("--no-decode", action="store_true", help="with --audio-root: only look for the files")
     u = sub.add_parser(
         "build", help="build SAKE splits from your own labelled clips (see datamodules/builder.py)"
     )
@@ -141,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "check":
-        return check(args.data_dir, args.audio_root)
+        return check(args.data_dir, args.audio_root, decode=not args.no_decode)
     if args.command == "build":
         from datamodules.builder import (
             WORLD_FILE,

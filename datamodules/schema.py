@@ -9,18 +9,22 @@ One schema serves the real SAKE release, SAKE-mini and any split a user builds:
      "portability": {"audio": {file, question, answer[, category]}},     (test only)
      "track": attribute name}                                             (val and sequential)
 
-Questions carry their options as "<question>\\n\\nOptions:\\n<opt1>\\n<opt2>..." or, for
-general-audio tasks, as "The answer could be X, Y, or Z.".
+Questions about the four attributes, the text QA and portability carry their options as
+"<question>\\n\\nOptions:\\n<opt1>\\n<opt2>..."; general-audio questions (Dynamic-SUPERB tasks,
+audio locality type 4) state them in prose, or not readably at all (datamodules/options.py).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from datamodules.options import OPTIONS_MARK, parse_options, resolve_answer
+
 ATTRIBUTES = ("gender", "emotion", "language", "animal")
+# Query kinds judged against their answer; the others (locality) against the pre-edit response.
+CORRECTNESS_KINDS = ("reliability", "generality", "portability")
 # SAKE's label set per attribute (SAKE-mini uses the same ones).
 SAKE_LABELS = {
     "gender": ("male", "female"),
@@ -28,9 +32,6 @@ SAKE_LABELS = {
     "language": ("english", "german", "spanish", "french", "italian", "chinese", "japanese", "korean"),
     "animal": ("dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"),
 }
-OPTIONS_MARK = "\n\nOptions:\n"
-_COULD_BE = re.compile(r"the answer could be (?P<opts>.+?)\.?\s*$", re.IGNORECASE)
-_OR_SPLIT = re.compile(r"\s*,\s*(?:or\s+)?|\s+or\s+")
 
 
 class SchemaError(ValueError):
@@ -45,18 +46,6 @@ class SchemaError(ValueError):
 def norm_label(label: str) -> str:
     """Labels compare case-insensitively ("Male" == "male")."""
     return label.strip().casefold()
-
-
-def parse_options(question: str) -> tuple[str, ...]:
-    """The answer options written into a SAKE question, in order; () when it lists none."""
-    if OPTIONS_MARK in question:
-        tail = question.split(OPTIONS_MARK, 1)[1]
-        return tuple(line.strip() for line in tail.splitlines() if line.strip())
-    for line in reversed(question.splitlines()):
-        m = _COULD_BE.search(line)
-        if m:
-            return tuple(o.strip() for o in _OR_SPLIT.split(m.group("opts")) if o.strip())
-    return ()
 
 
 def with_options(stem: str, options: tuple[str, ...] | list[str]) -> str:
@@ -86,6 +75,12 @@ class Query:
     @property
     def name(self) -> str:
         return self.kind + (f"_{self.type}" if self.type else "")
+
+    @property
+    def truth(self) -> str | None:
+        """The option the dataset's answer means (`answer` may be a label id such as
+        `vocal_fry` or a letter), or None when it names none of the options."""
+        return resolve_answer(self.answer, self.options, self.question)
 
 
 @dataclass(frozen=True)
@@ -144,10 +139,11 @@ class _Reader:
         answer = self.get(obj, "answer", f"{path}.answer")
         file = self.get(obj, "file", f"{path}.file") if kind != "text_locality" else None
         options = parse_options(question)
-        if not options:
-            raise self.error(
-                f"{path}.question", "lists no options ('\\n\\nOptions:\\n...' or 'The answer could be ...')"
-            )
+        # A locality query needs no options (its pre- and post-edit answers are compared): a
+        # general-audio task's prose may state none readably, and a few text-QA questions of the
+        # real release lost theirs. Queries judged against their answer must list them.
+        if not options and kind in CORRECTNESS_KINDS:
+            raise self.error(f"{path}.question", "lists no options ('\\n\\nOptions:\\n<opt1>\\n...')")
         category = self.get(obj, "category", f"{path}.category", optional=True) or self.get(
             obj, "subject", f"{path}.subject", optional=True
         )
@@ -236,7 +232,7 @@ def instance_to_json(inst: EditInstance) -> dict[str, Any]:
                 {
                     "question": q.question,
                     "answer": q.answer,
-                    "original_answer": [norm_label(o) for o in q.options].index(norm_label(q.answer)),
+                    "original_answer": q.options.index(q.truth) if q.truth in q.options else None,
                     "subject": q.category,
                 }
                 for q in inst.text_locality

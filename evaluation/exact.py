@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import string
+from datamodules.options import normalize
 
-_EDGE = string.whitespace + string.punctuation.replace("'", "")
-
-
-def normalize(text: str) -> str:
-    """Casefold, collapse whitespace, strip surrounding punctuation and quotes."""
-    return " ".join(text.casefold().split()).strip(_EDGE + "'")
+__all__ = ["exact_match", "normalize"]
 
 
 def exact_match(response: str, answer: str) -> bool:

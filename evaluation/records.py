@@ -24,14 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.schema import EditInstance, Query
+from datamodules.schema import CORRECTNESS_KINDS, EditInstance, Query
 from evaluation.degeneration import is_degenerate
 from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge
 
 log = logging.getLogger(__name__)
 
-# Query kinds judged against a ground truth; the others (locality) against the pre-edit answer.
-CORRECTNESS_KINDS = ("reliability", "generality", "portability")
 METRICS = ("reliability", "generality", "audio_locality", "text_locality", "portability")
 
 

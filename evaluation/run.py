@@ -100,9 +100,11 @@ def run_sweeps(
     first: int = 5,
     max_gap: int = 5,
     settings: Mapping[str, Any] | None = None,
+    data_report: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the sweeps; returns metrics.json's content (all ranks get it). `settings`
-    (the editor's config, and for a trained editor what training chose) are reported with it."""
+    (the editor's config, and for a trained editor what training chose) and `data_report` (e.g.
+    what was left out for missing audio) are reported with it."""
     unknown = [s for s in sweeps if s not in SWEEPS]
     if unknown:
         raise ValueError(f"sweeps: unknown {unknown}; choose from {list(SWEEPS)}")
@@ -135,6 +137,8 @@ def run_sweeps(
     metrics["run"] = {**identity, "wall_seconds_this_session": round(time.perf_counter() - started, 1)}
     if settings:
         metrics["editor"] = dict(settings)
+    if data_report:
+        metrics["data"] = dict(data_report)
     if fabric.global_rank == 0:
         write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         report.write(out_dir, metrics)

@@ -54,7 +54,8 @@ def test_check_counts_missing_and_unreadable_audio(mini_dir, tmp_path, capsys):
     victims[1].write_bytes(b"broken")
     assert sake_main(["check", str(mini_dir), "--audio-root", str(audio)]) == 1
     out = capsys.readouterr().out
-    assert "2 missing or unreadable" in out and victims[0].name in out and victims[1].name in out
+    assert "1 missing, 1 unreadable" in out and victims[0].name in out and victims[1].name in out
+    assert "missing Animal: 1" in out
 
 
 def test_datamodule_yields_decoded_edit_examples(mini_dir):

@@ -32,14 +32,14 @@ from typing import Any, TypeVar
 
 import openai
 
-from evaluation.exact import normalize
+from datamodules.options import normalize, option_letters, resolve_answer
 from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
 
 log = logging.getLogger(__name__)
 
 Case = TypeVar("Case", CorrectnessCase, ConsistencyCase)
 
-PROMPT_VERSION = "sake-judge-v1"  # bump whenever a prompt or the parser changes: it keys the cache
+PROMPT_VERSION = "sake-judge-v2"  # bump whenever a prompt or the parser changes: it keys the cache
 
 _SYSTEM = (
     "You grade answers for a benchmark of questions about audio clips. You never hear the audio and "
@@ -134,18 +134,29 @@ def parse_verdict(reply: str | None) -> bool | None:
     return (found == {"yes"}) if len(found) == 1 else None
 
 
-def _options_block(options: Sequence[str]) -> str:
+def _options_block(question: str, options: Sequence[str]) -> str:
+    """The options as the question labels them: by letter "(A) ...", else numbered."""
     if not options:
         return ""
-    return "Options: " + "; ".join(f"({i}) {o}" for i, o in enumerate(options, 1)) + "\n"
+    letters = option_letters(question)
+    labels = letters if len(letters) == len(options) else [str(i) for i in range(1, len(options) + 1)]
+    return "Options: " + "; ".join(f"({k}) {o}" for k, o in zip(labels, options, strict=True)) + "\n"
+
+
+def reference(case: CorrectnessCase) -> str:
+    """The reference answer as the option it means, with the dataset's label when that differs
+    (a label id such as `vocal_fry`, or a letter)."""
+    option = resolve_answer(case.truth, case.options, case.question)
+    truth = case.truth.strip()
+    return truth if option is None or normalize(option) == normalize(truth) else f"{option} (label: {truth})"
 
 
 def correctness_prompt(case: CorrectnessCase) -> str:
     """The user message for one correctness case."""
     return _CORRECTNESS.format(
         question=case.question.strip(),
-        options=_options_block(case.options),
-        truth=case.truth.strip(),
+        options=_options_block(case.question, case.options),
+        truth=reference(case),
         response=case.response.strip(),
     )
 
@@ -154,7 +165,7 @@ def consistency_prompt(case: ConsistencyCase) -> str:
     """The user message for one consistency case."""
     return _CONSISTENCY.format(
         question=case.question.strip(),
-        options=_options_block(case.options),
+        options=_options_block(case.question, case.options),
         before=case.before.strip(),
         after=case.after.strip(),
     )
@@ -244,8 +255,9 @@ class OpenAIJudge:
     def _correctness_shortcut(case: CorrectnessCase) -> Judgment | None:
         if not case.response.strip():
             return Judgment(False, "empty")
-        if normalize(case.response) == normalize(case.truth):
-            return Judgment(True, "shortcut", committed=case.truth)
+        option = resolve_answer(case.truth, case.options, case.question) or case.truth
+        if normalize(case.response) in {normalize(case.truth), normalize(option)}:
+            return Judgment(True, "shortcut", committed=option)
         return None
 
     @staticmethod

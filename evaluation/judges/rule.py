@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
-from datamodules.schema import norm_label
+from datamodules.options import normalize, option_letters, resolve_answer
 from evaluation.degeneration import is_degenerate
-from evaluation.exact import normalize
 from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
 
 # Words (with inner apostrophes: "it's", "isn't") and the punctuation that structures a sentence.
@@ -356,8 +355,25 @@ def _choose(tokens: list[str], patterns: list[_Pattern]) -> int | None:
     return opening.pop() if len(opening) == 1 else None
 
 
-def _commit(response: str, options: Sequence[str]) -> tuple[str | None, str]:
-    """(the option committed to or None, reason: empty, degenerate, committed, no-commitment)."""
+# A lettered option referred to by its letter: the whole response ("C", "(c)", "C."), a
+# parenthesised capital ("I choose (C)"), or a capital after option/answer/choice ("Answer: C").
+_LETTER_REFERENCE = re.compile(
+    r"^\s*\(?([A-Za-z])\)?[.):]?\s*$"
+    r"|\(([A-Z])\)"
+    r"|\b(?i:option|answer|choice)(?:\s+(?i:is))?\s*:?\s*\(?([A-Z])\b(?![a-z'])"
+)
+
+
+def _letter(response: str, letters: Sequence[str]) -> int | None:
+    """The index of the one lettered option the response names by its letter, else None."""
+    named = {next(g for g in m.groups() if g).upper() for m in _LETTER_REFERENCE.finditer(response)}
+    named &= set(letters)
+    return letters.index(named.pop()) if len(named) == 1 else None
+
+
+def _commit(response: str, options: Sequence[str], letters: Sequence[str] = ()) -> tuple[str | None, str]:
+    """(the option committed to or None, reason: empty, degenerate, committed, no-commitment).
+    `letters`: the options' letters when the question labels them "(A) ... (B) ..."."""
     if not response.strip():
         return None, "empty"
     if is_degenerate(response):
@@ -366,6 +382,10 @@ def _commit(response: str, options: Sequence[str]) -> tuple[str | None, str]:
     for option in options:
         if normalize(option) == text:
             return option, "committed"
+    if letters:
+        index = _letter(response, letters)
+        if index is not None:
+            return options[index], "committed"
     chosen = _choose(_tokens(response), _patterns(options))
     if chosen is None:
         return None, "no-commitment"
@@ -377,21 +397,28 @@ def commit(response: str, options: Sequence[str]) -> str | None:
     return _commit(response, options)[0]
 
 
+def _letters(question: str, options: Sequence[str]) -> tuple[str, ...]:
+    letters = option_letters(question)
+    return letters if len(letters) == len(options) else ()
+
+
 class RuleJudge:
     """Offline judge built on `commit`; it always reaches a verdict."""
 
     name = "rule"
 
     def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
-        """Correct when the response commits to the truth (the truth counts as an option)."""
+        """Correct when the response commits to the option the truth means (a label id such as
+        `vocal_fry` or a letter maps onto its option; a truth that names none counts as one)."""
         out = []
         for case in cases:
             options = tuple(case.options)
-            if norm_label(case.truth) not in {norm_label(o) for o in options}:
-                options += (case.truth,)
-            chosen, reason = _commit(case.response, options)
-            verdict = chosen is not None and norm_label(chosen) == norm_label(case.truth)
-            out.append(Judgment(verdict=verdict, reason=reason, committed=chosen))
+            letters = _letters(case.question, options)
+            truth = resolve_answer(case.truth, options, case.question)
+            if truth is None:
+                options, truth = (*options, case.truth), case.truth
+            chosen, reason = _commit(case.response, options, letters)
+            out.append(Judgment(verdict=chosen == truth, reason=reason, committed=chosen))
         return out
 
     def consistency(self, cases: Sequence[ConsistencyCase]) -> list[Judgment]:
@@ -399,12 +426,13 @@ class RuleJudge:
         texts are equal after normalisation; an empty or degenerate `after` never is."""
         out = []
         for case in cases:
-            before, _ = _commit(case.before, case.options)
-            after, how = _commit(case.after, case.options)
+            letters = _letters(case.question, case.options)
+            before, _ = _commit(case.before, case.options, letters)
+            after, how = _commit(case.after, case.options, letters)
             if how in ("empty", "degenerate"):
                 verdict, reason = False, how
             elif before is not None and after is not None:
-                verdict = norm_label(before) == norm_label(after)
+                verdict = before == after
                 reason = "same-option" if verdict else "different-option"
             elif before is None and after is None:
                 verdict = normalize(case.before) == normalize(case.after)
