@@ -23,6 +23,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
 from evaluation import base, report, rescore  # noqa: E402
+from evaluation.identity import run_identity  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
 from evaluation.sweep import Sweeper  # noqa: E402
@@ -62,21 +63,38 @@ def main(cfg: DictConfig) -> None:
     with fabric.rank_zero_first():
         data.prepare_data()  # builds SAKE-mini on first use
     lalm = instantiate(cfg.model, device=str(fabric.device))
-    cache = ResponseCache(cfg.response_cache, lalm.fingerprint())
+    fingerprint = lalm.fingerprint()
+    cache = ResponseCache(cfg.response_cache, fingerprint)
     if cfg.get("editor") and cfg.editor.get("base_only"):
         if fabric.global_rank == 0:  # one process: it is one batched pass over distinct queries
-            base.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens)
+            base.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens, cfg.split)
         return
-    editor, name, settings = build_editor(cfg, lalm)
+    editor, editor_identity, settings = build_editor(cfg, lalm)
+    instances = data.eval_instances(cfg.split)
+    sweeps = list(cfg.sweeps)
+    if cfg.split != "test" and "sequential" in sweeps:
+        log.info("split=%s has no sequences: running the single sweep only", cfg.split)
+        sweeps.remove("sequential")
+    sequences = data.eval_sequences() if "sequential" in sweeps else []
+    identity = run_identity(
+        editor=editor_identity,
+        model={"name": lalm.name, "fingerprint": fingerprint},
+        data=data,
+        split=cfg.split,
+        instances=instances,
+        sequences=sequences,
+        sweeps={"sweeps": sweeps, **cfg.sequential},
+        judge=judge.identity(),
+        generation={"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+    )
     sweeper = Sweeper(
         lalm, editor, judge, AudioResolver(data.audio_root), cache, cfg.max_new_tokens, cfg.batch_size,
         fabric.global_rank, fabric.world_size,
     )  # fmt: skip
-    identity = {"editor": name, "model": f"{lalm.name} ({lalm.fingerprint()})", "data": data.name}
-    identity |= {"judge": judge.name, "max_new_tokens": cfg.max_new_tokens}
-    sweeps = (cfg.sweeps, data.test_instances(), data.test_sequences() if "sequential" in cfg.sweeps else [])
     report_data = {"settings": settings, "data_report": data.report()}
-    metrics = run_sweeps(fabric, sweeper, out_dir, *sweeps, identity, **report_data, **cfg.sequential)
+    metrics = run_sweeps(
+        fabric, sweeper, out_dir, sweeps, instances, sequences, identity, **report_data, **cfg.sequential
+    )
     if fabric.global_rank == 0:
         log.info("\n%s\nfull report: %s", report.summary(metrics), out_dir / "report.md")
     return metrics

@@ -205,7 +205,7 @@ def run(
     """The lens over the first `samples` test instances of each attribute (and, with an editor,
     before and after editing the first `edits` of each); CSVs, plots and lens.json."""
     lens = LogitLens(lalm)
-    items = reliability_samples(data.test_instances(), data.audio_root, lalm.sampling_rate, samples)
+    items = reliability_samples(data.eval_instances(), data.audio_root, lalm.sampling_rate, samples)
     by_attribute: dict[str, list[Sample]] = defaultdict(list)
     for s in items:
         by_attribute[s.instance.attribute].append(s)

@@ -365,7 +365,7 @@ def heatmaps(summary: TraceSummary, out_dir: Path) -> list[Path]:
 def run(lalm: LALM, data, out_dir: Path, samples: int = 8, **settings) -> TraceSummary:
     """Trace the first `samples` test instances of each attribute; write CSVs, heatmaps, summary."""
     tracer = CausalTracer(lalm, **settings)
-    items = reliability_samples(data.test_instances(), data.audio_root, lalm.sampling_rate, samples)
+    items = reliability_samples(data.eval_instances(), data.audio_root, lalm.sampling_rate, samples)
     traces = []
     with progress_bar("causal tracing", len(items), unit="samples") as advance:
         for item in items:

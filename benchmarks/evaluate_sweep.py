@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     editor = load_editor(cfg.ckpt, lalm) if cfg.ckpt else HypernetEditor(MEND(lalm))
     data = instantiate(cfg.data)
     data.prepare_data()
-    items = data.test_instances()[:n]
+    items = data.eval_instances()[:n]
     resolver = AudioResolver(data.audio_root)
 
     def sweeper(batch_size: int) -> Sweeper:

@@ -237,19 +237,23 @@ class SakeDataModule(L.LightningDataModule):
         missing = self.missing.get("fit")
         return DecodedStream(shard(stream, rank, world_size), self.resolver(), self.rate, length, missing)
 
-    def test_instances(self) -> list[EditInstance]:
-        """The single-editing test split, attributes taken in turn (gender, emotion, language,
-        animal, gender, ...), so that the first `max_instances` cover every attribute. Clips that
-        are missing stop the run, or with skip_missing_audio are left out (`missing["test"]`)."""
-        test = self.data().test
-        if not test:
-            raise FileNotFoundError(f"{data_root(self.root)}/{TEST_DIR}: no single-editing test files")
-        groups = [[i for i in test if i.attribute == a] for a in ATTRIBUTES]
+    def eval_instances(self, split: str = "test") -> list[EditInstance]:
+        """The single-editing instances of `split` (test, or val to tune on held-out edits),
+        attributes taken in turn (gender, emotion, language, animal, gender, ...), so that the
+        first `max_instances` cover every attribute. Clips that are missing stop the run, or
+        with skip_missing_audio are left out (`missing[split]`)."""
+        if split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        items = self.data().test if split == "test" else self.data().val
+        if not items:
+            where = TEST_DIR if split == "test" else VAL_FILE
+            raise FileNotFoundError(f"{data_root(self.root)}/{where}: no {split} instances")
+        groups = [[i for i in items if i.attribute == a] for a in ATTRIBUTES]
         turns = [i for row in itertools.zip_longest(*groups) for i in row if i is not None]
         chosen = turns[: self.max_instances]
-        return drop_missing(chosen, self.find_missing("test", chosen))
+        return drop_missing(chosen, self.find_missing(split, chosen))
 
-    def test_sequences(self) -> list[list[EditInstance]]:
+    def eval_sequences(self) -> list[list[EditInstance]]:
         """The sequential-editing sequences; with `max_instances`, their first N edits in order.
         Edits whose clip is missing are left out of their sequence (with skip_missing_audio)."""
         seqs = self.data().sequences

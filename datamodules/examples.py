@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +12,42 @@ from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance, Query
 from editors.base import EditRequest
 from lalms.prompt import Prompt
+
+
+class PromptMaker:
+    """Queries as model prompts, each clip decoded once (an LRU of `cache_size` clips). A
+    clip's digest (its file's bytes and the rate it is decoded at) is what caches of model
+    answers are keyed by: a re-encoded or rebuilt clip is another input."""
+
+    def __init__(self, resolver: AudioResolver, rate: int = 16000, cache_size: int = 512) -> None:
+        self.resolver, self.rate, self.cache_size = resolver, rate, cache_size
+        self._clips: OrderedDict[tuple[str, str | None], np.ndarray] = OrderedDict()
+        self._digests: dict[tuple[str, str | None], str] = {}
+
+    def audio(self, file: str, track: str | None) -> np.ndarray:
+        """The clip's samples at the model's rate."""
+        key = (file, track)
+        if key in self._clips:
+            self._clips.move_to_end(key)
+        else:
+            self._clips[key] = self.resolver.load(file, track, self.rate)
+            if len(self._clips) > self.cache_size:
+                self._clips.popitem(last=False)
+        return self._clips[key]
+
+    def __call__(self, q: Query) -> Prompt:
+        return Prompt(q.question, audio=self.audio(q.file, q.track) if q.file else None)
+
+    def audio_digest(self, q: Query) -> str | None:
+        """sha256 of the query's audio file and the decoding rate (None for a text question)."""
+        if q.file is None:
+            return None
+        key = (q.file, q.track)
+        if key not in self._digests:
+            h = hashlib.sha256(self.resolver.path(q.file, q.track).read_bytes())
+            h.update(f"@{self.rate}".encode())
+            self._digests[key] = h.hexdigest()
+        return self._digests[key]
 
 
 @dataclass(frozen=True)
@@ -45,16 +83,10 @@ class EditExample:
 
 def to_example(inst: EditInstance, resolver: AudioResolver, rate: int = 16000) -> EditExample:
     """Decode every clip an instance references (each file once) into prompts."""
-    cache: dict[tuple[str, str | None], np.ndarray] = {}
+    prompt = PromptMaker(resolver, rate)
 
     def labelled(q: Query) -> LabelledPrompt:
-        audio = None
-        if q.file is not None:
-            key = (q.file, q.track)
-            if key not in cache:
-                cache[key] = resolver.load(q.file, q.track, rate)
-            audio = cache[key]
-        return LabelledPrompt(q, Prompt(q.question, audio=audio), q.answer)
+        return LabelledPrompt(q, prompt(q), q.answer)
 
     return EditExample(
         instance=inst,

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from datamodules.audio_io import AudioResolver
-from datamodules.schema import EditInstance, Query, attribute_of, parse_options
+from datamodules.examples import PromptMaker
+from datamodules.options import parse_options
+from datamodules.schema import EditInstance, Query, attribute_of
 from evaluation.judges import CorrectnessCase, Judge
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import write_atomic
-from evaluation.responses import ResponseCache, pre_edit_responses, query_key
+from evaluation.responses import QueryKeys, ResponseCache, pre_edit_responses
 from lalms.base import LALM
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +85,12 @@ def base_accuracy(
     judge = judge or RuleJudge()
     cache = cache or ResponseCache(None, lalm.fingerprint())
     queries = [Query(p.kinds[0], p.question, p.truth, (), p.file, p.track) for p in todo]
-    audio: dict[tuple[str, str | None], np.ndarray] = {}
-
-    def prompt(q: Query) -> Prompt:
-        if q.file is None:
-            return Prompt(q.question)
-        key = (q.file, q.track)
-        if key not in audio:
-            audio[key] = resolver.load(q.file, q.track, lalm.sampling_rate)
-        return Prompt(q.question, audio=audio[key])
-
+    prompt = PromptMaker(resolver, lalm.sampling_rate)
+    key = QueryKeys(prompt, lalm.render, max_new_tokens)
     have = pre_edit_responses(
-        queries,
-        cache,
-        lambda prompts: lalm.generate(prompts, max_new_tokens),
-        prompt,
-        max_new_tokens,
-        batch_size,
+        queries, cache, lambda prompts: lalm.generate(prompts, max_new_tokens), prompt, key, batch_size
     )
-    keys = [query_key(q, max_new_tokens) for q in queries]
+    keys = [key(q) for q in queries]
     cases = [
         CorrectnessCase(p.question, parse_options(p.question), p.truth, have[k])
         for k, p in zip(keys, todo, strict=True)
@@ -135,9 +121,10 @@ def run(
     cache: ResponseCache,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """The unedited model on a SakeDataModule's test split; writes metrics.json and report.md."""
-    items = datamodule.test_instances()
+    """The unedited model on a SakeDataModule's split; writes metrics.json and report.md."""
+    items = datamodule.eval_instances(split)
     accuracy = base_accuracy(
         lalm, items, AudioResolver(datamodule.audio_root), datamodule.world(), batch_size, max_new_tokens,
         judge, cache,
@@ -145,10 +132,11 @@ def run(
     out = Path(out_dir)
     metrics = {
         "base": {k: {"accuracy": round(100 * v["accuracy"], 4), "n": v["n"]} for k, v in accuracy.items()},
-        "run": {"editor": "none", "model": lalm.name, "data": datamodule.name, "judge": judge.name},
+        "run": {"editor": "none", "model": f"{lalm.name} ({lalm.fingerprint()})", "judge": judge.name,
+                "data": f"{datamodule.name} {split} ({len(items)} instances)"},  # fmt: skip
     }
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    text = report(accuracy, f"Unedited {lalm.name} on {datamodule.name} test ({len(items)} instances)")
+    text = report(accuracy, f"Unedited {lalm.name} on {datamodule.name} {split} ({len(items)} instances)")
     write_atomic(out / "report.md", text)
     log.info("\n%s", text)
     return metrics

@@ -12,17 +12,20 @@ entries) `locality_audio_type_0..2` are the paper's types 1, 3 and 4.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from datamodules.schema import ATTRIBUTES, SAKE_LABELS, SchemaError, norm_label, parse_options
+from datamodules.options import parse_options
+from datamodules.schema import ATTRIBUTES, SAKE_LABELS, SchemaError, norm_label
 from evaluation import metrics as M
 from evaluation import report
 from evaluation.judges import Judge
-from evaluation.records import QueryResult, ResultsLog, judge_results, read_lines, write_atomic
+from evaluation.records import QueryResult, judge_results, read_lines, to_json, write_atomic
+from evaluation.run import check_run
 
 log = logging.getLogger(__name__)
 
@@ -120,26 +123,40 @@ def load(path: Path) -> tuple[str, list[dict[str, Any]]]:
 
 
 def run(results: str, judge: Judge, out_dir: Path) -> dict[str, Any]:
-    """Re-judge every query of `results`; writes <mode>/results.jsonl, metrics.json, report.md."""
+    """Re-judge every query of `results`; writes <mode>/results.jsonl, metrics.json, report.md.
+
+    The folder's identity is the input's content and the judge's settings: another one is
+    refused before any verdict is asked for. Re-running into the same folder keeps its verdicts
+    and asks again only for the invalid ones (a judge that failed on them)."""
     path = Path(results)
     if not path.is_file():
         raise FileNotFoundError(f"results={results}: no such file")
     mode, records = load(path)
+    identity = {"input": {"file": path.name, "content": hashlib.sha256(path.read_bytes()).hexdigest()[:16]},
+                "judge": judge.identity()}  # fmt: skip
+    check_run(out_dir, identity)
     parts = [p for r in records for p in (r["evals"] if mode == "sequential" else [r])]
-    judge_results([q for p in parts for q in p["queries"]], judge)
-    out = ResultsLog(out_dir / mode / "results.jsonl")
-    if len(out.records):
-        raise FileExistsError(f"{out.path} exists: rescore into a new run_name=...")
-    for r in records:
-        out.append(r)
-    categories = {q.category for p in parts for q in p["queries"] if q.category and q.kind == "portability"}
+    queries = [q for p in parts for q in p["queries"]]
+    done = [QueryResult.from_dict(q) for r in read_lines(out_dir / mode / "results.jsonl")[0]
+            for p in (r["evals"] if mode == "sequential" else [r]) for q in p["queries"]]  # fmt: skip
+    if len(done) == len(queries):  # a finished earlier run of this identity: keep its valid verdicts
+        for q, d in zip(queries, done, strict=True):
+            q.verdict, q.reason, q.committed, q.degenerate = d.verdict, d.reason, d.committed, d.degenerate
+    todo = [q for q in queries if q.verdict is None]
+    if len(todo) < len(queries):
+        kept = len(queries) - len(todo)
+        log.info("rescore: %d verdicts kept from the earlier run, %d asked again", kept, len(todo))
+    judge_results(todo, judge)
+    write_atomic(out_dir / mode / "results.jsonl", "".join(to_json(r) + "\n" for r in records))
+    categories = {q.category for q in queries if q.category and q.kind == "portability"}
     attributes = {p["attribute"] for p in parts}
     tally = M.Tally(M.all_keys(attributes, categories))
     update = M.update_single if mode == "single" else M.update_sequential
-    for r in out.records:
+    for r in read_lines(out_dir / mode / "results.jsonl")[0]:
         update(tally, r)
     metrics = M.summarise(tally.compute())
     metrics["run"] = {"editor": f"rescored {path}", "model": "-", "data": path.name, "judge": judge.name}
+    metrics["identity"] = identity
     write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     text = report.write(out_dir, metrics)
     log.info("\n%s", text)

@@ -1,9 +1,10 @@
 """The unedited model's responses, generated once per model and query and kept on disk.
 
 Every editor is scored against the same pre-edit responses, so they are generated in large
-batches before a sweep and stored in SQLite, keyed by the model's fingerprint (weights and
-prompt rendering) and the query (audio file, question, generation length). Any editor's sweep
-on the same model reuses them.
+batches before a sweep and stored in SQLite, keyed by the model's fingerprint (every weight and
+the prompt rendering) and the query as the model gets it: the rendered prompt, the content of
+its audio (the file's bytes, not its name) and the generation length. Any editor's sweep on the
+same model reuses them; a rebuilt or re-encoded clip is asked again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from datamodules.examples import PromptMaker
 from datamodules.schema import Query
 from evaluation.progress import progress_bar
 from lalms.prompt import Prompt
@@ -22,8 +26,27 @@ from lalms.prompt import Prompt
 log = logging.getLogger(__name__)
 
 
-def query_key(q: Query, max_new_tokens: int) -> str:
-    return hashlib.sha256(json.dumps([q.file, q.track, q.question, max_new_tokens]).encode()).hexdigest()
+def response_key(rendered: str, audio: str | None, max_new_tokens: int) -> str:
+    """The cache key of one query: its rendered prompt, its audio's digest, the length limit."""
+    return hashlib.sha256(json.dumps([rendered, audio, max_new_tokens]).encode()).hexdigest()
+
+
+class QueryKeys:
+    """`response_key` of queries as `render` renders them, memoised per query."""
+
+    def __init__(self, prompts: PromptMaker, render: Callable[[Prompt], str], max_new_tokens: int) -> None:
+        self.prompts, self.render, self.max_new_tokens = prompts, render, max_new_tokens
+        self._keys: dict[Query, str] = {}
+
+    def __call__(self, q: Query) -> str:
+        if q not in self._keys:
+            rendered = self.render(Prompt(q.question, audio=_PLACEHOLDER if q.file else None))
+            self._keys[q] = response_key(rendered, self.prompts.audio_digest(q), self.max_new_tokens)
+        return self._keys[q]
+
+
+# Rendering places one placeholder per clip whatever its samples: a stand-in renders the same.
+_PLACEHOLDER = np.zeros(1600, dtype=np.float32)
 
 
 class ResponseCache:
@@ -82,12 +105,12 @@ def pre_edit_responses(
     cache: ResponseCache,
     generate: Callable[[Sequence[Prompt]], list[str]],
     prompt: Callable[[Query], Prompt],
-    max_new_tokens: int,
+    key: Callable[[Query], str],
     batch_size: int,
 ) -> dict[str, str]:
-    """Responses of the unedited model to `queries` ({query_key: response}); missing ones are
+    """Responses of the unedited model to `queries` ({key(q): response}); missing ones are
     generated in batches of `batch_size` and stored as each batch finishes."""
-    by_key = {query_key(q, max_new_tokens): q for q in queries}
+    by_key = {key(q): q for q in queries}
     have = cache.get(list(by_key))
     todo = [(k, q) for k, q in by_key.items() if k not in have]
     if not todo:

@@ -1,9 +1,10 @@
 """One evaluation run: the sweeps an `evaluate.py` config asks for, then metrics and reports.
 
-The run directory holds `run.json` (what was evaluated), `single/results.jsonl`,
-`sequential/results.jsonl`, `metrics.json`, `report.md`, `plots/*.png` and TensorBoard
-events under `tb/`. Re-running the same command continues in the same directory; a directory
-that holds another editor's, model's, data's or judge's results is refused.
+The run directory holds `run.json` (what was evaluated: evaluation/identity.py),
+`single/results.jsonl`, `sequential/results.jsonl`, `metrics.json`, `report.md`, `plots/*.png`
+and TensorBoard events under `tb/`. Re-running the same command continues in the same
+directory; a directory that holds a run of another identity is refused, naming what differs.
+The metrics count exactly the instances the command selects, each once.
 
 With several processes (Lightning Fabric, e.g. `fabric.devices=4 fabric.strategy=ddp`) each
 rank sweeps its share into `results.rank<r>.jsonl`; rank 0 merges them into `results.jsonl`,
@@ -24,6 +25,7 @@ from lightning.fabric import Fabric
 from datamodules.schema import EditInstance
 from evaluation import metrics as M
 from evaluation import report
+from evaluation.identity import differences
 from evaluation.records import ResultsLog, instance_id, read_lines, to_json, write_atomic
 
 log = logging.getLogger(__name__)
@@ -39,19 +41,44 @@ def check_run(out_dir: Path, identity: Mapping[str, Any]) -> None:
     """Record what this run evaluates; refuse to mix results with an earlier, different run."""
     path = out_dir / "run.json"
     if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        diff = [k for k in identity if k in before and before[k] != identity[k]]
+        before = json.loads(path.read_text(encoding="utf-8")).get("identity")
+        diff = differences(before or {}, identity)
         if diff:
-            details = "; ".join(f"{k}: {before[k]!r} there, {identity[k]!r} now" for k in diff)
             raise RunMismatch(
-                f"{out_dir} holds results of a different evaluation ({details}). "
-                f"Pick another run_name=..., or delete that folder to start over."
+                f"{out_dir} holds results of another evaluation; what differs:\n  "
+                + "\n  ".join(diff)
+                + "\nPick another run_name=..., or delete that folder to start over."
             )
-    write_atomic(path, json.dumps(dict(identity), indent=1))
+    write_atomic(path, json.dumps({"identity": dict(identity)}, indent=1, default=str))
+
+
+def describe(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The one-line names of a run's parts for reports: editor, model, data, judge."""
+    editor, model, data, judge = (
+        v if isinstance(v := identity.get(k), Mapping) else {"name": v or "?"}
+        for k in ("editor", "model", "data", "judge")
+    )
+    selection = data.get("selection") or {}
+    return {
+        "editor": editor.get("label") or editor.get("name", "?"),
+        "model": f"{model.get('name', '?')} ({model.get('fingerprint', '?')})",
+        "data": f"{data.get('name', '?')} {data.get('split', 'test')} ({selection.get('single', '?')} edits)",
+        "judge": judge.get("name", "?"),
+    }
 
 
 def merge_key(mode: str) -> Callable[[Mapping[str, Any]], Any]:
     return (lambda r: r["id"]) if mode == "single" else (lambda r: (r["sequence"], r["step"]))
+
+
+def selected(records: Sequence[Mapping[str, Any]], mode: str, order: Sequence[Any]) -> list[dict[str, Any]]:
+    """The records of the instances (steps) in `order`, each once (the first), in that order."""
+    key, rank = merge_key(mode), {k: i for i, k in enumerate(order)}
+    found: dict[Any, dict[str, Any]] = {}
+    for r in records:
+        if key(r) in rank:
+            found.setdefault(key(r), dict(r))
+    return sorted(found.values(), key=lambda r: rank[key(r)])
 
 
 def merge(folder: Path, mode: str, order: Sequence[Any]) -> list[dict[str, Any]]:
@@ -130,11 +157,13 @@ def run_sweeps(
         if fabric.global_rank == 0:
             merge(folder, mode, order)
         fabric.barrier()
-        records[mode] = read_lines(folder / "results.jsonl")[0]
+        records[mode] = selected(read_lines(folder / "results.jsonl")[0], mode, order)
     categories = {q.category for i in instances for q in i.portability if q.category}
     keys = M.all_keys((i.attribute for i in instances), categories)
     metrics = tally(fabric, records, keys)
-    metrics["run"] = {**identity, "wall_seconds_this_session": round(time.perf_counter() - started, 1)}
+    wall = round(time.perf_counter() - started, 1)
+    metrics["run"] = {**describe(identity), "wall_seconds_this_session": wall}
+    metrics["identity"] = dict(identity)
     if settings:
         metrics["editor"] = dict(settings)
     if data_report:

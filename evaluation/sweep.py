@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from datamodules.audio_io import AudioResolver
+from datamodules.examples import PromptMaker
 from datamodules.schema import EditInstance, Query
 from editors.base import EditHandle, Editor, EditRequest, in_context
 from evaluation.judges import Judge
 from evaluation.progress import progress_bar
 from evaluation.records import QueryResult, ResultsLog, instance_id, judge_results
-from evaluation.responses import ResponseCache, pre_edit_responses, query_key
+from evaluation.responses import QueryKeys, ResponseCache, pre_edit_responses
 from lalms.base import LALM
 from lalms.prompt import Prompt
 
@@ -60,21 +58,11 @@ class Sweeper:
         # Editors train their own copies (fine-tuned tensors, side memories, hypernetwork
         # outputs); gradients for the base weights would only cost time and memory.
         self.lalm.model.requires_grad_(False)
-        self._audio: OrderedDict[tuple[str, str | None], np.ndarray] = OrderedDict()
+        self.prompt = PromptMaker(self.resolver, self.lalm.sampling_rate, self.audio_cache_size)
+        self.key = QueryKeys(self.prompt, self.lalm.render, self.max_new_tokens)
         self._pre: dict[str, str] = {}
 
     # ------------------------------------------------------------------ model calls
-    def prompt(self, q: Query) -> Prompt:
-        if q.file is None:
-            return Prompt(q.question)
-        key = (q.file, q.track)
-        if key in self._audio:
-            self._audio.move_to_end(key)
-        else:
-            self._audio[key] = self.resolver.load(q.file, q.track, self.lalm.sampling_rate)
-            if len(self._audio) > self.audio_cache_size:
-                self._audio.popitem(last=False)
-        return Prompt(q.question, audio=self._audio[key])
 
     def generate(self, prompts: Sequence[Prompt]) -> list[str]:
         out: list[str] = []
@@ -85,7 +73,7 @@ class Sweeper:
     def prepare(self, instances: Sequence[EditInstance]) -> None:
         """Make sure the unedited model's answers to every query of `instances` are at hand."""
         queries = [q for inst in instances for q in inst.queries()]
-        if all(query_key(q, self.max_new_tokens) in self._pre for q in queries):
+        if all(self.key(q) in self._pre for q in queries):
             return
         self._pre.update(
             pre_edit_responses(
@@ -93,13 +81,13 @@ class Sweeper:
                 self.responses,
                 lambda prompts: self.lalm.generate(prompts, self.max_new_tokens),
                 self.prompt,
-                self.max_new_tokens,
+                self.key,
                 self.batch_size,
             )
         )
 
     def pre(self, q: Query) -> str:
-        return self._pre[query_key(q, self.max_new_tokens)]
+        return self._pre[self.key(q)]
 
     def apply(self, inst: EditInstance) -> EditHandle:
         return self.editor.apply(request(inst, self.prompt(inst.reliability)))

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from editors.checkpoint import export_digest, load_editor, read_info
+from evaluation.identity import config_digest
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,20 @@ def log_config(cfg: DictConfig) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
 
 
-def eval_run_name(
-    mode: str, ckpt: str | None, editor: str | None, model: str, data: str, results: str | None
-) -> str:
-    """The evaluation run folder's name: stable, so re-running a command resumes it."""
-    if mode == "rescore":
-        return f"rescore-{Path(str(results)).parent.name}-{Path(str(results)).stem}"
-    return f"{Path(ckpt).name if ckpt else editor or 'none'}-{model}-{data}"
+def eval_run_name(*, _root_: DictConfig) -> str:
+    """The evaluation run folder's name: `<editor>-<model>-<data>[-val]-<digest>`, the digest of
+    the config keys that change results (evaluation/identity.py). The same command resumes its
+    folder; another setting gets another folder."""
+    cfg = _root_
+    tag = config_digest(cfg)
+    if cfg.mode == "rescore":
+        results = Path(str(cfg.results))
+        return f"rescore-{results.parent.name}-{results.stem}-{tag}"
+    if cfg.mode == "compare":
+        return f"compare-{tag}"
+    editor = Path(cfg.ckpt).name if cfg.ckpt else OmegaConf.select(cfg, "editor.name", default="none")
+    split = "" if cfg.get("split", "test") == "test" else f"-{cfg.split}"
+    return f"{editor}-{cfg.model.name}-{cfg.data.name}{split}-{tag}"
 
 
 def register_resolvers() -> None:
@@ -61,13 +69,16 @@ def register_resolvers() -> None:
 
 
 def build_editor(cfg: DictConfig, lalm):
-    """(editor, description, settings) from ckpt= (trained editors) or editor=<name> (no training
-    needed); the settings (the config, and what training chose) go into the reports."""
+    """(editor, identity, settings) from ckpt= (trained editors) or editor=<name> (no training
+    needed). The identity (name, config, weights digest) is part of the run's; the settings
+    (the config, and what training chose) go into the reports."""
     if cfg.ckpt:
-        info = read_info(cfg.ckpt)
-        name = f"{info['editor']} ({Path(cfg.ckpt).name}, {export_digest(cfg.ckpt)})"  # retrained: other run
-        settings = {"config": info.get("config") or info["network"], "calibration": info.get("calibration")}
-        return load_editor(cfg.ckpt, lalm), name, {k: v for k, v in settings.items() if v}
+        info, weights = read_info(cfg.ckpt), export_digest(cfg.ckpt)  # retrained: another run
+        config = info.get("config") or info["network"]
+        identity = {"name": info["editor"], "label": f"{info['editor']} ({Path(cfg.ckpt).name}, {weights})",
+                    "config": config, "weights": weights}  # fmt: skip
+        settings = {"config": config, "calibration": info.get("calibration")}
+        return load_editor(cfg.ckpt, lalm), identity, {k: v for k, v in settings.items() if v}
     editor = require(cfg, "editor", "an editor is needed (or ckpt=<exported editor>)")
     if "editor" not in editor:
         raise MissingChoiceError(
@@ -76,4 +87,5 @@ def build_editor(cfg: DictConfig, lalm):
             f"ckpt=checkpoints/{editor.name}-{cfg.model.name}-{cfg.data.name}"
         )
     config = OmegaConf.to_container(editor.editor, resolve=True)
-    return instantiate(editor.editor, lalm=lalm), editor.name, {"config": config}
+    identity = {"name": editor.name, "label": editor.name, "config": config, "weights": None}
+    return instantiate(editor.editor, lalm=lalm), identity, {"config": config}

@@ -79,4 +79,4 @@ def samples(shipped_lalm, mini_dir):
     from datamodules import SakeDataModule
 
     data = SakeDataModule(str(mini_dir), name="sake_mini")
-    return reliability_samples(data.test_instances(), data.audio_root, shipped_lalm.sampling_rate, 3)
+    return reliability_samples(data.eval_instances(), data.audio_root, shipped_lalm.sampling_rate, 3)

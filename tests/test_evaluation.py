@@ -213,7 +213,7 @@ def test_run_writes_reports_and_refuses_to_mix_runs(shipped_lalm, mini_dir, tmp_
     assert list((tmp_path / "tb").glob("events.*"))
     again = run_sweeps(fabric, sweeper(shipped_lalm, Recorder(), mini_dir), tmp_path, *args, identity)
     assert {k: again[k] for k in ("overall", "sequential")} == {k: m[k] for k in ("overall", "sequential")}
-    with pytest.raises(RunMismatch, match="editor: 'recorder' there, 'other' now"):
+    with pytest.raises(RunMismatch, match='editor: "recorder" there, "other" now'):
         run_sweeps(
             fabric,
             sweeper(shipped_lalm, Recorder(), mini_dir),

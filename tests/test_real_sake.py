@@ -197,9 +197,9 @@ def test_missing_clips_stop_a_run_or_are_skipped_and_counted(real_dir, tmp_path,
     assert f"missing {general.track}: 1" in out and f"missing {edit.track}: 1" in out
     strict = SakeDataModule(str(real_dir), audio_root=str(audio))
     with pytest.raises(MissingAudioError, match=r"needs 2 clips missing .*data.skip_missing_audio=true"):
-        strict.test_instances()
+        strict.eval_instances()
     lenient = SakeDataModule(str(real_dir), audio_root=str(audio), skip_missing_audio=True)
-    kept = lenient.test_instances()
+    kept = lenient.eval_instances()
     assert len(kept) == len(data.test) - 1
     report = lenient.report()["missing_audio"]["test"]
     assert report["clips"] == 2 and report["instances_dropped"] == 1 and report["queries_dropped"] >= 10

@@ -47,6 +47,9 @@ class Judgment:
 class Judge(Protocol):
     name: str
 
+    def identity(self) -> dict[str, object]:
+        """What decides this judge's verdicts (part of a run's identity and of verdict caches)."""
+
     def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
         """One judgment per case, in order."""
 

@@ -233,6 +233,19 @@ class OpenAIJudge:
 
     # ---------------------------------------------------------------- public API
 
+    def identity(self) -> dict[str, object]:
+        """The settings that decide a verdict; they key the verdict cache too."""
+        return {
+            "name": self.name,
+            "model": self.model,
+            "base_url": self.base_url,
+            "prompt_version": PROMPT_VERSION,
+            "reasoning_effort": self.reasoning_effort,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "max_completion_tokens": self.max_completion_tokens,
+        }
+
     def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
         """One judgment per case, in order."""
         return self._judge("correctness", cases, self._correctness_shortcut, correctness_prompt)
@@ -441,16 +454,9 @@ class OpenAIJudge:
     # ---------------------------------------------------------------- cache
 
     def _cache_key(self, kind: str, prompt: str) -> str:
-        settings = {
-            "prompt_version": PROMPT_VERSION,
-            "model": self.model,
-            "reasoning_effort": self.reasoning_effort,
-            "temperature": self.temperature,
-            "seed": self.seed,
-            "kind": kind,
-            "system": _SYSTEM,
-            "prompt": prompt,
-        }
+        # Every setting that decides a verdict, the server included: two servers never share one.
+        settings = {**self.identity(), "kind": kind, "system": _SYSTEM, "prompt": prompt}
+        settings.pop("name")
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def _connect(self) -> sqlite3.Connection:

@@ -402,10 +402,17 @@ def _letters(question: str, options: Sequence[str]) -> tuple[str, ...]:
     return letters if len(letters) == len(options) else ()
 
 
+# Bumped whenever a rule changes a verdict: runs judged under other rules are other runs.
+RULES_VERSION = 2
+
+
 class RuleJudge:
     """Offline judge built on `commit`; it always reaches a verdict."""
 
     name = "rule"
+
+    def identity(self) -> dict[str, object]:
+        return {"name": self.name, "rules": RULES_VERSION}
 
     def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
         """Correct when the response commits to the option the truth means (a label id such as
