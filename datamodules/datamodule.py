@@ -113,7 +113,12 @@ class DecodedStream(torch.utils.data.IterableDataset):
             n += 1
             if n > skip:
                 yield self.decode(raw)
-        if self.length is not None:
+        if self.length is not None and n < self.length:
+            if not first:
+                raise ValueError(
+                    f"this rank's share of the data is empty but must give {self.length} records: the "
+                    "split has fewer records than there are ranks (use fewer devices or more data)"
+                )
             for i in range(self.length - n):
                 if n + i + 1 > skip:
                     yield self.decode(first[i % len(first)])
