@@ -4,6 +4,7 @@ python evaluate.py ckpt=checkpoints/mend-tiny-sake_mini      # a trained, export
 python evaluate.py editor=<name> model=qwen                   # an editor that needs no training
 python evaluate.py editor=none                                # the unedited model's accuracy
 python evaluate.py mode=rescore results=FILE judge=openai     # re-judge saved responses, no model
+python evaluate.py mode=compare runs='outputs/evaluate/*'     # many runs side by side (Table 2)
 python evaluate.py dry_run=true                               # print the plan and exit
 """
 
@@ -22,7 +23,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
-from evaluation import base, report, rescore  # noqa: E402
+from evaluation import base, compare, report, rescore  # noqa: E402
 from evaluation.identity import run_identity  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 def plan(cfg: DictConfig) -> str:
     judge = cfg.judge._target_.rsplit(".", 1)[-1]
+    if cfg.mode == "compare":
+        return f"compare the runs {cfg.runs} side by side (Table 2 layout); under {cfg.paths.output_dir}"
     if cfg.mode == "rescore":
         return f"re-judge the responses in {cfg.results} with {judge}; reports under {cfg.paths.output_dir}"
     editor = cfg.ckpt or (cfg.editor.name if cfg.get("editor") else "<editor=... or ckpt=...>")
@@ -51,7 +54,11 @@ def main(cfg: DictConfig) -> None:
     log.info("plan: %s", plan(cfg))
     if cfg.dry_run:
         return
-    out_dir, judge = Path(cfg.paths.output_dir), instantiate(cfg.judge)
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.mode == "compare":
+        compare.run(require(cfg, "runs", "mode=compare tabulates run folders"), out_dir)
+        return
+    judge = instantiate(cfg.judge)
     if cfg.mode == "rescore":
         rescore.run(require(cfg, "results", "mode=rescore re-judges a results file"), judge, out_dir)
         return

@@ -29,6 +29,7 @@ import yaml
 from datamodules.schema import ATTRIBUTES, norm_label, with_options
 
 WORLD_FILE = Path(__file__).parent / "mini" / "world.yaml"
+SPLITS = ("train", "val", "test")  # of pool clips
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class PoolClip:
     file: str
     track: str  # Animal, Emotion, Gender, Language or DynamicSuperb/<Task>
     label: str
-    split: str  # train or test
+    split: str  # train, val or test
     question: str | None = None  # general-audio clips: their question with options
 
 
@@ -103,7 +104,10 @@ class Builder:
                 raise ValueError(
                     f"pool clip {clip.file}: track {clip.track!r} is no attribute and has no question"
                 )
-        for split in ("train", "test"):
+        # Validation edits use clips of their own (held out from any pretraining on the train
+        # clips) when the pool has a val split; otherwise they share the train clips.
+        self.val_split = "val" if any(k[0] == "val" for k in self.clips) else "train"
+        for split in sorted({"train", "test", self.val_split}):
             for attr, spec in self.attrs.items():
                 for label in spec["labels"]:
                     if len(self.clips[(split, attr, norm_label(label))]) < 3:
@@ -112,10 +116,10 @@ class Builder:
                         )
             if not self.general[split]:
                 raise ValueError(f"pool: {split} split has no general-audio clips (audio locality type 4)")
-        train_files = {c.file for k, v in self.clips.items() if k[0] == "train" for c in v}
-        test_files = {c.file for k, v in self.clips.items() if k[0] == "test" for c in v}
-        if train_files & test_files:
-            raise ValueError(f"pool: {len(train_files & test_files)} clips are in both train and test")
+        files = {s: {c.file for k, v in self.clips.items() if k[0] == s for c in v} for s in SPLITS}
+        for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
+            if files[a] & files[b]:
+                raise ValueError(f"pool: {len(files[a] & files[b])} clips are in both {a} and {b}")
 
     # ------------------------------------------------------------------------ queries
     def question(self, attr: str, kind: str = "reliability") -> str:
@@ -252,7 +256,9 @@ class Builder:
         return {
             "train": {a: self.split("train", a, sizes.train_per_attribute) for a in self.attrs},
             "val": [
-                r for a in self.attrs for r in self.split("train", a, sizes.val_per_attribute, track=True)
+                r
+                for a in self.attrs
+                for r in self.split(self.val_split, a, sizes.val_per_attribute, track=True)
             ],
             "test": {
                 a: self.split("test", a, sizes.test_per_attribute, portability=True) for a in self.attrs

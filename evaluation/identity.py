@@ -30,7 +30,7 @@ from datamodules.schema import EditInstance
 
 # Keys of the evaluation config whose values change results (evaluate.yaml); `editor` counts
 # with its constructor config `editor.editor` only, `fabric` (how many processes) not at all.
-CONFIG_KEYS = ("mode", "ckpt", "results", "model", "data", "judge", "sweeps", "sequential", "split",
+CONFIG_KEYS = ("mode", "ckpt", "results", "runs", "model", "data", "judge", "sweeps", "sequential", "split",
                "max_new_tokens", "batch_size")  # fmt: skip
 # Data settings that only shape training batches.
 TRAINING_ONLY = ("batch_size", "num_workers", "shuffle_buffer", "seed")

@@ -171,3 +171,20 @@ def test_a_rank_without_records_is_a_clear_error(mini_dir):
     assert sum(1 for _ in dm.dataset("val", rank=0, world_size=2)) == 1
     with pytest.raises(ValueError, match="fewer records than there are ranks"):
         list(dm.dataset("val", rank=1, world_size=2))
+
+
+def test_compare_tabulates_a_multirun_and_refuses_runs_that_measure_different_things(common, tmp_path):
+    sweep = tmp_path / "sweep"
+    evaluate("-m", "editor=i_ike,ft_llm", *common[1:], "data.max_instances=2", "sweeps=[single,sequential]",
+             f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+    evaluate("mode=compare", f"runs={sweep}/*", f"hydra.run.dir={tmp_path / 'cmp'}")
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| i_ike | tiny |" in table and "| ft_llm | tiny |" in table and "### Reliability" in table
+    rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 5
+    assert (tmp_path / "cmp" / "plots" / "compare_sequential.png").is_file()
+    assert (tmp_path / "cmp" / "plots" / "compare_metrics.png").is_file()
+    evaluate(*common, "data.max_instances=3", f"hydra.run.dir={sweep / 'three'}")
+    out = evaluate("mode=compare", f"runs={sweep}/*", f"hydra.run.dir={tmp_path / 'cmp2'}", check=False)
+    assert out.returncode != 0 and "data.selection.single: 2 there, 3 now" in out.stderr

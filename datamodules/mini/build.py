@@ -47,6 +47,10 @@ from datamodules.schema import parse_options
 
 log = logging.getLogger(__name__)
 
+# What each build format changed; build.json records the one a folder was built in.
+FORMATS = {1: "first release", 2: "validation edits on clips of their own, held out from pretraining"}
+FORMAT = max(FORMATS)
+
 
 @dataclass(frozen=True)
 class MiniSizes:
@@ -55,6 +59,7 @@ class MiniSizes:
     clips_per_label: int = 200  # emotion; gender gets 1.5x, language 2x, animals 0.6x
     general_per_label: int = 60
     test_fraction: float = 0.2
+    val_fraction: float = 0.1  # extra clips, held out from pretraining: the validation edits' own
     train_per_attribute: int = 1000
     val_per_attribute: int = 100
     test_per_attribute: int = 300
@@ -129,21 +134,31 @@ def _speaker(
 
 
 def plan(world: dict[str, Any], sizes: MiniSizes, seed: int) -> tuple[list[ClipSpec], list[PoolClip]]:
-    """The clip specs and pool entries of a build (cheap; synthesis happens later)."""
+    """The clip specs and pool entries of a build (cheap; synthesis happens later).
+
+    Train and test clips come first; the validation clips (held out from pretraining like the
+    test clips) are planned after them, so that they leave every earlier clip as it was."""
     rng = np.random.default_rng(seed)
     specs: list[ClipSpec] = []
     pool: list[PoolClip] = []
     langs = world["languages"]
     sentences = {name: _sentences(parts, rng) for name, parts in langs.items()}
     cursor = dict.fromkeys(sentences, 0)
+    used: dict[str, set[int]] = {name: set() for name in sentences}
 
     def sentence(language: str, split: str) -> str:
-        # train and test draw from disjoint halves of the shuffled sentences
+        # train and test draw from disjoint halves of the shuffled sentences; validation takes
+        # the test half's sentences that no test clip says, from its end
         pool_ = sentences[language]
         half = len(pool_) // 2
-        i = cursor[language]
-        cursor[language] += 1
-        return pool_[i % half] if split == "train" else pool_[half + i % (len(pool_) - half)]
+        if split == "val":
+            index = next(j for j in range(len(pool_) - 1, half - 1, -1) if j not in used[language])
+        else:
+            i = cursor[language]
+            cursor[language] += 1
+            index = i % half if split == "train" else half + i % (len(pool_) - half)
+        used[language].add(index)
+        return pool_[index]
 
     def add(attr_track: str, prefix: str, label: str, split: str, kind: str, **kw: Any) -> None:
         idx = len(specs)
@@ -152,45 +167,49 @@ def plan(world: dict[str, Any], sizes: MiniSizes, seed: int) -> tuple[list[ClipS
         specs.append(ClipSpec(path, kind, label, seed * 1_000_003 + idx, **kw))
         pool.append(PoolClip(Path(path).name, attr_track, label, split, question))
 
+    def attribute_clip(attr: str, spec: dict[str, Any], label: str, split: str) -> None:
+        if attr == "animal":
+            add(spec["track"], "a", label, split, "animal")
+            return
+        gender = label if attr == "gender" else str(rng.choice(["male", "female"]))
+        language = label if attr == "language" else "English"
+        voice = _speaker(rng, langs[language]["voice"], gender, fixed_timbre=attr == "language")
+        prosody = {"rate": int(rng.uniform(140, 200)), "range": int(rng.uniform(30, 70)),
+                   "volume": int(rng.uniform(85, 115))}  # fmt: skip
+        if attr == "emotion":
+            profile = world["emotions"][label]
+            shift = -8 if gender == "male" else 8
+            prosody = {k: int(rng.uniform(*profile[k])) for k in ("rate", "range", "volume")}
+            voice["pitch"] = int(np.clip(rng.uniform(*profile["pitch"]) + shift, 0, 100))
+        text = sentence(language, split)
+        add(spec["track"], attr[0], label, split, "speech", text=text, voice=Voice(**voice, **prosody))
+
+    def general_clip(task: str, spec: dict[str, Any], label: str, split: str) -> None:
+        add(f"DynamicSuperb/{task}", "g", label, split, "general", task=task, question=spec["question"])
+
     for attr, spec in world["attributes"].items():
         n = sizes.per_label(attr)
         n_test = max(3, int(round(n * sizes.test_fraction)))
         for label in spec["labels"]:
             for i in range(n):
-                split = "test" if i < n_test else "train"
-                if attr == "animal":
-                    add(spec["track"], "a", label, split, "animal")
-                    continue
-                gender = label if attr == "gender" else str(rng.choice(["male", "female"]))
-                language = label if attr == "language" else "English"
-                voice = _speaker(rng, langs[language]["voice"], gender, fixed_timbre=attr == "language")
-                prosody = {"rate": int(rng.uniform(140, 200)), "range": int(rng.uniform(30, 70)),
-                           "volume": int(rng.uniform(85, 115))}  # fmt: skip
-                if attr == "emotion":
-                    profile = world["emotions"][label]
-                    shift = -8 if gender == "male" else 8
-                    prosody = {k: int(rng.uniform(*profile[k])) for k in ("rate", "range", "volume")}
-                    voice["pitch"] = int(np.clip(rng.uniform(*profile["pitch"]) + shift, 0, 100))
-                text = sentence(language, split)
-                add(
-                    spec["track"], attr[0], label, split, "speech", text=text, voice=Voice(**voice, **prosody)
-                )
+                attribute_clip(attr, spec, label, "test" if i < n_test else "train")
     for task, spec in world["general_audio"].items():
         options = parse_options(spec["question"])
         assert [o.casefold() for o in options] == [lab.casefold() for lab in spec["labels"]], task
         n_test = max(3, int(round(sizes.general_per_label * sizes.test_fraction)))
         for label in spec["labels"]:
             for i in range(sizes.general_per_label):
-                split = "test" if i < n_test else "train"
-                add(
-                    f"DynamicSuperb/{task}",
-                    "g",
-                    label,
-                    split,
-                    "general",
-                    task=task,
-                    question=spec["question"],
-                )
+                general_clip(task, spec, label, "test" if i < n_test else "train")
+    for attr, spec in world["attributes"].items():
+        n_val = max(3, int(round(sizes.per_label(attr) * sizes.val_fraction)))
+        for label in spec["labels"]:
+            for _ in range(n_val):
+                attribute_clip(attr, spec, label, "val")
+    n_val = max(1, int(round(sizes.general_per_label * sizes.val_fraction)))
+    for task, spec in world["general_audio"].items():
+        for label in spec["labels"]:
+            for _ in range(n_val):
+                general_clip(task, spec, label, "val")
     return specs, pool
 
 
@@ -221,6 +240,7 @@ def build_mini(
         (Path(__file__).parent / "world.yaml").read_text(encoding="utf-8"), encoding="utf-8"
     )
     info = {
+        "format": FORMAT,
         "seed": seed,
         "sizes": asdict(sizes),
         "clips": len(specs),
@@ -233,11 +253,18 @@ def build_mini(
 
 
 def ensure_mini(root: str | Path, seed: int = 0, sizes: MiniSizes = MiniSizes()) -> Path:
-    """Build SAKE-mini at `root` unless it is already there."""
+    """Build SAKE-mini at `root` unless it is already there (in this version's format)."""
     root = Path(root)
     if not (root / "build.json").is_file():
         if root.exists():
             raise FileExistsError(f"{root} exists but holds no finished SAKE-mini build (no build.json)")
         log.info("SAKE-mini not found at %s: building it (once)", root)
         build_mini(root, seed, sizes)
+        return root
+    built = json.loads((root / "build.json").read_text(encoding="utf-8")).get("format", 1)
+    if built != FORMAT:
+        raise FileExistsError(
+            f"{root} holds a SAKE-mini of format {built}, this version builds format {FORMAT} "
+            f"({FORMATS[FORMAT]}); remove {root} to rebuild it"
+        )
     return root
