@@ -171,6 +171,33 @@ def test_two_process_cpu_ddp_trains_on_disjoint_data(mini_dir, tmp_path):
     assert (tmp_path / "export" / "editor.safetensors").is_file()
 
 
+def test_the_same_command_trains_the_same_editor_bit_for_bit(mini_dir, tmp_path):
+    """`make run`'s reproducibility: two runs of one command export identical weights."""
+    import hashlib
+
+    digests = []
+    for run in ("a", "b"):
+        args = [
+            "editor=mend", f"data.root={mini_dir}", "data.build_mini=false", "data.batch_size=2",
+            "+trainer.max_steps=4", "+trainer.limit_val_batches=1", "editor.module.network.rank=16",
+            f"editor.callbacks.export.out_dir={tmp_path / run / 'export'}", f"hydra.run.dir={tmp_path / run}",
+        ]  # fmt: skip
+        env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+        out = subprocess.run(
+            [sys.executable, "train.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        digests.append(
+            hashlib.sha256((tmp_path / run / "export" / "editor.safetensors").read_bytes()).hexdigest()
+        )
+    assert digests[0] == digests[1]
+
+
 def test_ke_multiplier_rises_with_violations_and_the_margin_shrinks_on_success(shipped):
     mod = module("ke", shipped, margin_max=0.1, margin_min=0.05, margin_shrink=0.5, lagrange_lr=1.0)
     mod._trainer = SimpleNamespace(

@@ -14,11 +14,10 @@ Output (deterministic for a seed):
 The folder is built under a temporary name and renamed when complete, so an interrupted build
 never leaves a folder that looks finished.
 
-Determinism: the splits, the pool and the procedural audio are bit-identical for a seed. Speech
-has the same text, voice and prosody for a seed, and each utterance is synthesised from a fresh
-espeak-ng state (see Espeak.isolated), but espeak-ng's samples still vary slightly between runs
-for some voices (observed: the Mandarin voice and some emotion clips), from state inside the
-library that its API does not reset.
+Determinism: the splits, the pool and the decoded samples of every clip are identical for a
+seed (Ogg files differ only in their random stream serial numbers). Each utterance is
+synthesised from a fresh espeak-ng state with libc's and espeak-ng's own random generators
+seeded (see Espeak.isolated).
 """
 
 from __future__ import annotations

@@ -41,10 +41,11 @@ class Voice:
 class Espeak:
     """One espeak-ng engine. The C library keeps global state, so create one per process.
 
-    espeak-ng draws from libc's rand() and keeps static synthesis state (e.g. its flutter phase)
-    that re-initialising does not reset, so consecutive utterances are not reproducible. For
+    espeak-ng draws from libc's rand() and from a generator of its own (seeded from the clock
+    at initialisation), and keeps static synthesis state (e.g. its flutter phase) that
+    re-initialising does not reset, so consecutive utterances are not reproducible. For
     deterministic output use `isolated`: it forks a child from this freshly initialised engine
-    for each utterance, seeds rand() there, and never synthesises in the parent.
+    for each utterance, seeds both generators there, and never synthesises in the parent.
     """
 
     def __init__(self) -> None:
@@ -96,6 +97,7 @@ class Espeak:
             code = 0
             try:
                 libc.srand(seed % 2**31)
+                self._lib.espeak_ng_SetRandSeed(ctypes.c_long(seed % 2**31))
                 work(self)
             except BaseException:  # noqa: BLE001 - reported through the exit code
                 traceback.print_exc()
