@@ -4,9 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lalms import AudioFlamingo3, ModelNotAvailableError, Prompt, Qwen2Audio
+from lalms.tiny import build_tiny
 from lalms.tiny import main as tiny_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -54,4 +56,9 @@ def test_random_init_runs_at_reduced_depth_on_cpu():
 def test_tiny_cli_writes_a_loadable_model_dir(tmp_path):
     tiny_main(["--family", "audio_flamingo3", "--out", str(tmp_path / "af3"), "--seed", "1"])
     lalm = AudioFlamingo3.load(str(tmp_path / "af3"))
-    assert lalm.generate([Prompt("Hello?")], max_new_tokens=3)[0] is not None
+    built = build_tiny(AudioFlamingo3, seed=1)  # the same model, never saved
+    saved = lalm.model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in built.model.state_dict().items())
+    prompt = [Prompt("Hello?")]
+    answer = lalm.generate(prompt, max_new_tokens=3)
+    assert isinstance(answer[0], str) and answer == built.generate(prompt, max_new_tokens=3)

@@ -73,11 +73,11 @@ def test_rome_edits_the_answer_on_the_llm(shipped_lalm, mini_dir, samples, tmp_p
         shipped_lalm, ["llm.layers.1.mlp.down_proj"], str(mini_dir), cache_dir=str(tmp_path), **COMMON
     )
     answers = []
-    for s in samples[1:4]:  # emotion, language, animal (a gender edit failed 1 of 2 tries on data/sake_mini)
+    for s in samples[:4]:  # gender, emotion, language, animal
         handle = rome.apply(request(s.instance, s.prompt))
         answers.append((shipped_lalm.generate([s.prompt], 8)[0], s.instance.target))
         handle.undo()
-    assert sum(a == t for a, t in answers) >= 2, answers
+    assert all(a == t for a, t in answers), answers
 
 
 def test_alphaedit_updates_lie_in_the_null_space_and_sequences_accumulate(
@@ -129,6 +129,7 @@ def test_steering_routes_each_sample_and_undo_removes_it(shipped_lalm, mini_dir,
     handle = steering.apply(request(s.instance, s.prompt))
     assert steering.routed(batch).tolist() == [True, False, False]
     edited = shipped_lalm.generate(batch, 8)
+    assert unedited[0] != s.instance.target and edited[0] == s.instance.target  # the edit itself
     assert edited[1:] == unedited[1:]  # outside the source region: untouched
     assert shipped_lalm.generate([s.prompt], 8) == edited[:1]  # alone or batched, the same decision
     handle.undo()

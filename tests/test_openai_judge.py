@@ -416,5 +416,7 @@ def test_hydra_config_instantiates(server, tmp_path, monkeypatch) -> None:
     assert isinstance(judge, OpenAIJudge) and judge.name == cfg.judge.get("name") == "openai"
     assert judge.model == "gpt-5-mini-2025-08-07" and judge.reasoning_effort == "minimal" and judge.seed == 0
     assert judge.cache_path == tmp_path / "outputs/cache/judge.sqlite" and judge.cache_path.is_file()
-    assert PROMPT_VERSION
+    key = judge._cache_key("correctness", "p")
+    monkeypatch.setattr("evaluation.judges.openai_judge.PROMPT_VERSION", PROMPT_VERSION + "-next")
+    assert judge._cache_key("correctness", "p") != key  # a new prompt version asks again
     judge.close()
