@@ -44,6 +44,7 @@ from datamodules.loader import (
     validation_keys,
 )
 from datamodules.mini.build import ensure_mini
+from datamodules.resume import ResumableBatches
 from datamodules.schema import ATTRIBUTES, EditInstance, parse_instance
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,14 @@ class DecodedStream(torch.utils.data.IterableDataset):
                     yield self.decode(first[i % len(first)])
 
 
-class SakeDataModule(L.LightningDataModule):
+class SakeDataModule(ResumableBatches, L.LightningDataModule):
     """Train and validation batches of `EditExample`s from a SAKE-format dataset.
 
     `root` holds the SAKE layout (root/train/... or root/data/train/...); `audio_root` the audio
     (default: root/audio). With `build_mini=True` a missing root is built as SAKE-mini first.
 
-    Resumable mid-epoch: the number of training batches the model has consumed in the current
-    epoch is part of Lightning checkpoints (`state_dict`), and a resumed run's loader passes over
-    those records without decoding them, so it continues with exactly the batches an
-    uninterrupted run would have seen next.
+    Resumable mid-epoch (datamodules/resume.py): a resumed run's loader passes over the records
+    already trained on without decoding them.
     """
 
     def __init__(
@@ -166,8 +165,6 @@ class SakeDataModule(L.LightningDataModule):
         self.max_instances = max_instances  # smoke runs: the first N instances of each split
         self.skip_missing_audio = skip_missing_audio
         self.missing: dict[str, MissingAudio] = {}  # per use (fit, test): what was left out
-        self._consumed = {"epoch": 0, "batches": 0}  # training batches used in this epoch
-        self._resume: dict[str, int] | None = None
         self._data: SakeData | None = None
         self._left_out: set[tuple] | None = None  # edits whose own clip is missing (after setup)
 
@@ -302,27 +299,7 @@ class SakeDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer else 0
-        resume, self._resume = self._resume, None
-        done = resume["batches"] if resume and resume["epoch"] == epoch else 0
-        if done:
-            log.info("resuming epoch %d after %d training batches", epoch, done)
-        self._consumed = {"epoch": epoch, "batches": done}
-        return self._loader("train", skip=done * self.batch_size)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:  # a batch the model is about to train on
-            epoch = self.trainer.current_epoch
-            if self._consumed["epoch"] != epoch:
-                self._consumed = {"epoch": epoch, "batches": 0}
-            self._consumed["batches"] += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._consumed)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        return self._loader("train", skip=self.batches_to_skip() * self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val") if self.files("val") else []

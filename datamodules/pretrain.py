@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.audio_io import AudioResolver
 from datamodules.builder import PoolClip, load_world, read_manifest
 from datamodules.mini.build import ensure_mini
+from datamodules.resume import ResumableBatches, ResumeSampler
 from datamodules.schema import norm_label, with_options
 from lalms.prompt import Prompt
 
@@ -155,7 +156,7 @@ def stratified_holdout(
     return train, held
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(ResumableBatches, L.LightningDataModule):
     """Pretraining batches from SAKE-mini's training clips (built on first use).
 
     A small share of the training clips (`holdout`) is kept out of training and used for the
@@ -204,7 +205,10 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+        # Example i is already a random draw (a function of seed and i): in order, so that a
+        # resumed run passes over the batches already trained on and continues with the next.
+        sampler = ResumeSampler(len(self.train_set), self.batches_to_skip() * self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=64, collate_fn=collate)

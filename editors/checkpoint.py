@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 import yaml
-from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
 from editors.hypernet import HypernetEditor, HyperNetwork
+from editors.registry import build
 from lalms.base import LALM
 
 log = logging.getLogger(__name__)
@@ -162,17 +162,22 @@ def _check(ckpt: str | Path, info: Mapping[str, Any], here: Mapping[str, Any], k
 
 
 def load_editor(ckpt: str | Path, lalm: LALM, check_model: bool = True) -> Any:
-    """Rebuild an exported editor on `lalm`; raises EditorModelMismatch for another model."""
+    """Rebuild an exported editor on `lalm`; raises EditorModelMismatch for another model.
+
+    Only the project's own editor classes are built (editors/registry.py: UnsafeConfig for any
+    other target in the file), and weights and state load through safetensors and
+    `torch.load(weights_only=True)`: a shared folder can do nothing but load weights."""
     info = read_info(ckpt)
     path = Path(ckpt)
+    source = str(path / INFO)
     if "network" in info:
-        network: HyperNetwork = instantiate(info["network"], lalm=lalm)
+        network: HyperNetwork = build(info["network"], source, "network", lalm=lalm)
         if check_model:  # fingerprint: the edited weights
             _check(ckpt, info, model_info(network), ("edited_parameters", "edited_shapes", "fingerprint"))
         network.load_state_dict(load_file(str(path / WEIGHTS), device=str(lalm.device)))
         return HypernetEditor(network)
     if check_model:  # fingerprint: the whole model (the cached state depends on every layer below)
         _check(ckpt, info, lalm_info(lalm), ("fingerprint",))
-    editor = instantiate(info["config"], lalm=lalm)
+    editor = build(info["config"], source, "config", lalm=lalm)
     editor.load_state_dict(torch.load(path / STATE, map_location=lalm.device, weights_only=True))
     return editor

@@ -7,8 +7,21 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lalms.base import LALM
+
+
+def plain(value: Any) -> Any:
+    """Config containers as plain dicts and lists (what Lightning checkpoints may hold: they load
+    with weights_only=True, which refuses OmegaConf objects)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 class LALMModule(L.LightningModule):

@@ -27,27 +27,26 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from datamodules.examples import EditExample
 from editors.checkpoint import save_calibrated
+from editors.registry import build
 from lalms.base import LALM, greedy_hits
-from lit_modules.base import data_info, run_info
+from lit_modules.base import data_info, plain, run_info
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 
 
 class CalibrationModule(L.LightningModule, abc.ABC):
-    def __init__(self, lalm: LALM, editor: DictConfig | Mapping[str, Any]) -> None:
+    def __init__(self, lalm: LALM, editor: Mapping[str, Any]) -> None:
+        """Subclasses save their hyperparameters (`save_hyperparameters`, configs as plain data)
+        after calling this."""
         super().__init__()
         self.automatic_optimization = False
         self.lalm = lalm  # not a submodule: the base model stays out of checkpoints
         lalm.model.requires_grad_(False)
-        self.editor_cfg: dict[str, Any] = (
-            OmegaConf.to_container(editor, resolve=True) if isinstance(editor, DictConfig) else dict(editor)
-        )
+        self.editor_cfg: dict[str, Any] = plain(editor)
         self.records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self.chosen: dict[str, Any] | None = None  # the calibrated values
         self.summary: dict[str, Any] = {}  # figures behind the choice, exported with it
@@ -56,7 +55,7 @@ class CalibrationModule(L.LightningModule, abc.ABC):
 
     def build(self, **overrides: Any) -> Any:
         """The editor of the config with `overrides`, on this module's model."""
-        return instantiate({**self.editor_cfg, **overrides}, lalm=self.lalm)
+        return build({**self.editor_cfg, **overrides}, "editor.module.editor", "editor", lalm=self.lalm)
 
     # ------------------------------------------------------------------ what subclasses define
     @abc.abstractmethod

@@ -32,17 +32,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from datamodules.examples import EditExample
 from editors.base import EditRequest
 from editors.checkpoint import save_editor
 from editors.hypernet import HyperNetwork, per_row_nll
+from editors.registry import build
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits
 from lalms.prompt import Prompt
-from lit_modules.base import data_info, run_info
+from lit_modules.base import data_info, plain, run_info
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,14 @@ class HypernetModule(L.LightningModule, abc.ABC):
         max_grad_norm: float = 1.0,
         seed: int = 0,
     ) -> None:
+        """Subclasses save their hyperparameters (`save_hyperparameters`, `network` as plain
+        data) after calling this."""
         super().__init__()
         self.automatic_optimization = False
         self.lalm = lalm  # not an nn.Module: the base model stays out of parameters and checkpoints
         lalm.model.requires_grad_(False)
-        self.network_cfg = (
-            OmegaConf.to_container(network, resolve=True)
-            if isinstance(network, DictConfig)
-            else dict(network)
-        )
-        self.net: HyperNetwork = instantiate(self.network_cfg, lalm=lalm)
-        self.save_hyperparameters(ignore=["lalm"])
+        self.network_cfg: dict[str, Any] = plain(network)
+        self.net: HyperNetwork = build(self.network_cfg, "editor.module.network", "network", lalm=lalm)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         # Validation means over all edits (and all DDP ranks), logged once per validation run.
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in METRICS})
@@ -235,7 +232,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
         best = monitoring[0].best_model_path if monitoring else ""
         state, source = None, "final weights"
         if best and Path(best).is_file():
-            ckpt = torch.load(best, map_location="cpu", weights_only=False)
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
             state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
             score = float(monitoring[0].best_model_score)
             source = f"{best} ({monitoring[0].monitor} {score:.4f})"

@@ -7,24 +7,33 @@ edit success reaches `shrink_at`, so the editor first learns to edit, then to ed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
+from lalms.base import LALM
+from lit_modules.base import plain
 from lit_modules.hypernet import HypernetModule
 
 
 class KEModule(HypernetModule):
     def __init__(
         self,
-        *args,
+        lalm: LALM,
+        network: Mapping[str, Any],
+        locality_per_edit: int | None = 2,
+        max_grad_norm: float = 1.0,
+        seed: int = 0,
         lr: float = 3e-4,
         margin_max: float = 1e-3,
         margin_min: float = 1e-5,
         margin_shrink: float = 0.8,
         shrink_at: float = 0.9,
         lagrange_lr: float = 1e-2,
-        **kwargs,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        network = plain(network)  # saved as plain data: checkpoints load with weights_only=True
+        super().__init__(lalm, network, locality_per_edit, max_grad_norm, seed)
         self.save_hyperparameters(ignore=["lalm"])
         # Buffers: a resumed run continues with the same multiplier and margin.
         self.register_buffer("lagrange", torch.zeros(()))

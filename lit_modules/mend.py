@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
+from lalms.base import LALM
+from lit_modules.base import plain
 from lit_modules.hypernet import HypernetModule
 
 
 class MENDModule(HypernetModule):
     def __init__(
         self,
-        *args,
+        lalm: LALM,
+        network: Mapping[str, Any],
+        locality_per_edit: int | None = 2,
+        max_grad_norm: float = 1.0,
+        seed: int = 0,
         lr: float = 1e-6,
         lr_lr: float = 1e-4,
         cedit: float = 0.1,
         cloc: float = 1.0,
-        **kwargs,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        network = plain(network)  # saved as plain data: checkpoints load with weights_only=True
+        super().__init__(lalm, network, locality_per_edit, max_grad_norm, seed)
         self.save_hyperparameters(ignore=["lalm"])
 
     def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:

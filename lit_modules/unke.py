@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from datamodules.examples import EditExample
+from lalms.base import LALM
+from lit_modules.base import plain
 from lit_modules.calibration import CalibrationModule, edit_key
 
 SETTINGS = ("key_lr", "key_steps", "clamp_norm")  # what the calibration sets
@@ -41,15 +43,16 @@ def quantile(values: Sequence[float], q: float) -> float:
 class UnKECalibration(CalibrationModule):
     def __init__(
         self,
-        *args,
+        lalm: LALM,
+        editor: Mapping[str, Any],
         key_lrs: Sequence[float] = (0.1, 0.5, 1.0),
         max_steps: int = 60,
         max_clamp: float = 16.0,
         coverage: float = 0.95,
         margin: float = 1.5,
-        **kwargs,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        editor, key_lrs = plain(editor), plain(key_lrs)  # checkpoints hold plain data only
+        super().__init__(lalm, editor)
         if not key_lrs or not 0 < coverage <= 1 or margin < 1:
             raise ValueError(f"UnKE calibration: key_lrs non-empty, coverage in (0, 1], margin >= 1; got "
                              f"{list(key_lrs)}, {coverage}, {margin}")  # fmt: skip

@@ -20,12 +20,17 @@ from typing import Any
 import torch
 
 from datamodules.examples import EditExample
+from lalms.base import LALM
+from lit_modules.base import plain
 from lit_modules.calibration import CalibrationModule, best_threshold, edit_key
 
 
 class WISECalibration(CalibrationModule):
-    def __init__(self, *args, candidates: Sequence[Mapping[str, float]] = (), **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, lalm: LALM, editor: Mapping[str, Any], candidates: Sequence[Mapping[str, float]] = ()
+    ) -> None:
+        editor, candidates = plain(editor), plain(candidates)  # checkpoints hold plain data only
+        super().__init__(lalm, editor)
         margins = ("alpha", "beta", "gamma")
         self.candidates = [dict(c) for c in candidates] or [{k: self.editor_cfg[k] for k in margins}]
         for c in self.candidates:
