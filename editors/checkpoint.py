@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from editors.hypernet import HypernetEditor, HyperNetwork
-from editors.registry import build
+from editors.registry import build, resolve
 from lalms.base import LALM
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ def read_info(ckpt: str | Path) -> dict[str, Any]:
     state = WEIGHTS if "network" in info else STATE
     if not (path / state).is_file():
         raise FileNotFoundError(f"{path}: the export has {INFO} but no {state}")
+    key = "network" if "network" in info else "config"
+    resolve(info[key], str(path / INFO), key)  # UnsafeConfig before anything is loaded
     return info
 
 
