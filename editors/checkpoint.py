@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from datamodules.files import fsync_dir, fsync_tree
 from editors.hypernet import HypernetEditor, HyperNetwork
 from editors.registry import build, resolve
 from lalms.base import LALM
@@ -70,12 +71,14 @@ def _write(out_dir: str | Path, info: Mapping[str, Any], write_state: Callable[[
     tmp.mkdir(parents=True)
     write_state(tmp)
     (tmp / INFO).write_text(yaml.safe_dump(dict(info), sort_keys=False), encoding="utf-8")
+    fsync_tree(tmp)  # on disk before it takes the export's name
     if out.exists():
         previous = out.with_name(out.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
         out.rename(previous)
         log.info("kept the earlier export at %s", previous)
     tmp.rename(out)
+    fsync_dir(out.parent)
     return out
 
 

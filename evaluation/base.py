@@ -18,11 +18,11 @@ from typing import Any
 
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
+from datamodules.files import write_atomic
 from datamodules.options import parse_options
 from datamodules.schema import EditInstance, Query, attribute_of
 from evaluation.judges import CorrectnessCase, Judge
 from evaluation.judges.rule import RuleJudge
-from evaluation.records import write_atomic
 from evaluation.responses import QueryKeys, ResponseCache, pre_edit_responses
 from lalms.base import LALM
 

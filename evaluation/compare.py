@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.files import write_atomic
 from evaluation.identity import differences
-from evaluation.records import METRICS, write_atomic
+from evaluation.records import METRICS
 from evaluation.report import HEADERS
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,7 @@ CONFIG_KEYS = ("mode", "ckpt", "results", "runs", "model", "data", "judge", "swe
 # Data settings that only shape training batches.
 TRAINING_ONLY = ("batch_size", "num_workers", "shuffle_buffer", "seed")
 # Judge settings that decide how fast, not what (the key's variable name may also differ).
-THROUGHPUT_ONLY = ("max_concurrency", "max_retries", "timeout_s", "backoff_s", "max_backoff_s", "cache_path",
-                   "api_key_env")  # fmt: skip
+THROUGHPUT_ONLY = ("max_concurrency", "max_retries", "timeout_s", "cache_path", "api_key_env")
 
 
 def digest(obj: Any, n: int = 16) -> str:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.files import fsync_dir
 from datamodules.schema import CORRECTNESS_KINDS, EditInstance, Query
 from evaluation.degeneration import is_degenerate
 from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge
@@ -136,18 +137,12 @@ class ResultsLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
         line = to_json(record) + "\n"
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if new:  # the file's folder entry too
+            fsync_dir(self.path.parent)
         self.records.append(json.loads(line))
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

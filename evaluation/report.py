@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evaluation.records import METRICS, write_atomic
+from datamodules.files import write_atomic
+from evaluation.records import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from datamodules.files import write_atomic
 from datamodules.options import parse_options
 from datamodules.schema import ATTRIBUTES, SAKE_LABELS, SchemaError, norm_label
 from evaluation import metrics as M
 from evaluation import report
 from evaluation.judges import Judge
-from evaluation.records import QueryResult, judge_results, read_lines, to_json, write_atomic
+from evaluation.lock import RunLock
+from evaluation.records import QueryResult, judge_results, read_lines, to_json
 from evaluation.run import check_run
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,11 @@ def run(results: str, judge: Judge, out_dir: Path) -> dict[str, Any]:
     path = Path(results)
     if not path.is_file():
         raise FileNotFoundError(f"results={results}: no such file")
+    with RunLock(out_dir):
+        return _rescore(path, judge, out_dir)
+
+
+def _rescore(path: Path, judge: Judge, out_dir: Path) -> dict[str, Any]:
     mode, records = load(path)
     identity = {"input": {"file": path.name, "content": hashlib.sha256(path.read_bytes()).hexdigest()[:16]},
                 "judge": judge.identity()}  # fmt: skip

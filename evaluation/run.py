@@ -13,6 +13,7 @@ and the metrics are reduced across ranks by torchmetrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -22,11 +23,20 @@ from typing import Any
 
 from lightning.fabric import Fabric
 
+from datamodules.files import write_atomic
 from datamodules.schema import EditInstance
 from evaluation import metrics as M
 from evaluation import report
 from evaluation.identity import differences
-from evaluation.records import ResultsLog, instance_id, read_lines, to_json, write_atomic
+from evaluation.lock import RunLock
+from evaluation.records import (
+    QueryResult,
+    ResultsLog,
+    instance_id,
+    judge_results,
+    read_lines,
+    to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +109,23 @@ def merge(folder: Path, mode: str, order: Sequence[Any]) -> list[dict[str, Any]]
     return records
 
 
+def rejudge_invalid(path: Path, mode: str, judge: Any) -> int:
+    """Ask the judge again for every query of `path` without a verdict (the judge failed on it
+    before), rewriting the file atomically; returns how many were asked."""
+    records = read_lines(path)[0]
+    parts = [p for r in records for p in (r["evals"] if mode == "sequential" else [r])]
+    queries = [(p, i, QueryResult.from_dict(q)) for p in parts for i, q in enumerate(p["queries"])]
+    invalid = [(p, i, q) for p, i, q in queries if q.verdict is None]
+    if not invalid:
+        return 0
+    log.info("%s: asking the judge again for %d queries without a verdict", path, len(invalid))
+    judge_results([q for _, _, q in invalid], judge)
+    for p, i, q in invalid:
+        p["queries"][i] = q
+    write_atomic(path, "".join(to_json(r) + "\n" for r in records))
+    return len(invalid)
+
+
 def tally(fabric: Fabric, records: Mapping[str, list[dict[str, Any]]], keys: list[str]) -> dict[str, Any]:
     """The metrics of all records; each rank counts a share, torchmetrics sums across ranks."""
     metric = M.Tally(keys).to(fabric.device)
@@ -135,6 +162,24 @@ def run_sweeps(
     unknown = [s for s in sweeps if s not in SWEEPS]
     if unknown:
         raise ValueError(f"sweeps: unknown {unknown}; choose from {list(SWEEPS)}")
+    with RunLock(out_dir) if fabric.global_rank == 0 else contextlib.nullcontext():
+        return _run_sweeps(fabric, sweeper, out_dir, sweeps, instances, sequences, identity, first, max_gap,
+                           settings, data_report)  # fmt: skip
+
+
+def _run_sweeps(
+    fabric: Fabric,
+    sweeper: Any,
+    out_dir: Path,
+    sweeps: Sequence[str],
+    instances: Sequence[EditInstance],
+    sequences: Sequence[Sequence[EditInstance]],
+    identity: Mapping[str, Any],
+    first: int,
+    max_gap: int,
+    settings: Mapping[str, Any] | None,
+    data_report: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     if fabric.global_rank == 0:
         check_run(out_dir, identity)
     fabric.barrier()
@@ -144,8 +189,10 @@ def run_sweeps(
     for mode in sweeps:
         folder = out_dir / mode
         order = sweep_order(mode, instances, sequences)
-        if fabric.global_rank == 0 and fabric.world_size > 1:
-            merge(folder, mode, order)  # shards an interrupted run left behind
+        if fabric.global_rank == 0:
+            if fabric.world_size > 1:
+                merge(folder, mode, order)  # shards an interrupted run left behind
+            rejudge_invalid(folder / "results.jsonl", mode, sweeper.judge)  # the judge failed on them before
         fabric.barrier()
         merged = read_lines(folder / "results.jsonl")[0] if fabric.world_size > 1 else []
         results = ResultsLog(folder / shard, done=merged)

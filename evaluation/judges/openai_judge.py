@@ -5,11 +5,15 @@ Cases that need no model are decided locally, as in the paper: an empty response
 is correct; a post-edit response that equals the pre-edit one is consistent. Everything else is
 sent to the model through the `openai` client (any OpenAI-compatible server via `base_url`).
 
-Decisions are cached in an SQLite file keyed by a sha256 of the judge settings, the prompt
-version and the rendered prompt, so a re-run makes no calls for cases already judged. Replies
-that cannot be parsed are *not* cached: they come back as `Judgment(None, "invalid")` and are
-asked again on the next run. The API key is read from an environment variable only and is
-never stored, logged or put in an error message.
+Decisions are cached in an SQLite file keyed by a sha256 of the judge settings (the server
+included), the prompt version and the rendered prompt, so a re-run makes no calls for cases
+already judged. Transient failures (429, 5xx, timeouts, dropped connections) are retried by the
+openai client itself (`max_retries`, exponential backoff, Retry-After honoured). A case that
+still fails, is refused (HTTP 400) or gets a reply that cannot be read comes back as
+`Judgment(None, "invalid: <why>")`; the run goes on, and invalid verdicts are not cached, so a
+re-run asks exactly those again. A bad key or an unknown model (401, 403, 404) stops the run
+with a clear error. The API key is read from an environment variable only and is never stored,
+logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import asdict, dataclass
@@ -95,22 +98,22 @@ Reply with one line only: VERDICT: YES or VERDICT: NO"""
 
 _MARKUP = str.maketrans("", "", "*_`#>")
 _VERDICT_LINE = re.compile(r"verdict\s*:\s*(yes|no)\s*\.?", re.IGNORECASE)
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Errors of the setup, not of one case: every other case would fail the same way.
+_FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
 class JudgeError(RuntimeError):
-    """The judge could not get a verdict (bad request, bad key, or too many failed attempts)."""
+    """The judge cannot work at all (no key, a bad key, an unknown model or route)."""
 
 
 @dataclass
 class JudgeCounters:
-    """What the judge did, for the report. `invalid` counts unparsable replies."""
+    """What the judge did, for the report. `invalid` counts cases left without a verdict."""
 
     cases: int = 0
     shortcuts: int = 0
     cache_hits: int = 0
-    calls: int = 0  # HTTP requests made, retries included
-    retries: int = 0
+    calls: int = 0  # HTTP requests made, the client's retries included
     invalid: int = 0
 
 
@@ -190,8 +193,6 @@ class OpenAIJudge:
         max_concurrency: int = 8,
         max_retries: int = 6,
         timeout_s: float = 60.0,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 30.0,
         cache_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if max_concurrency < 1:
@@ -214,15 +215,16 @@ class OpenAIJudge:
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.cache_path = Path(cache_path) if cache_path is not None else None
-        # Our own retry loop: the client must not retry behind our back.
-        self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
-        self.base_url = str(self._client.base_url)
         self.counters = JudgeCounters()
         self._lock = threading.Lock()
-        self._rng = random.Random()
+        # The client retries transient failures itself, with backoff and Retry-After; the hook
+        # counts every request it makes.
+        http = openai.DefaultHttpxClient(event_hooks={"request": [self._count_call]})
+        self._client = openai.OpenAI(
+            api_key=key, base_url=base_url, timeout=timeout_s, max_retries=max_retries, http_client=http
+        )
+        self.base_url = str(self._client.base_url)
         if self.cache_path is not None:
             self._init_cache()
 
@@ -304,7 +306,7 @@ class OpenAIJudge:
         n_shortcuts = len(cases) - sum(len(idx) for _, idx in pending.values())
 
         cached = self._cache_get(list(pending)) if pending else {}
-        verdicts: dict[str, bool | None] = dict(cached)
+        verdicts: dict[str, tuple[bool | None, str]] = {k: (v, "") for k, v in cached.items()}
         todo = {k: v[0] for k, v in pending.items() if k not in cached}
         with self._lock:
             self.counters.cases += len(cases)
@@ -315,10 +317,10 @@ class OpenAIJudge:
 
         n_invalid = 0
         for key, (_, indices) in pending.items():
-            verdict = verdicts[key]
+            verdict, problem = verdicts[key]
             if verdict is None:
                 n_invalid += len(indices)
-                judgment = Judgment(None, "invalid")
+                judgment = Judgment(None, f"invalid: {problem}")
             else:
                 first = cases[indices[0]]
                 committed = first.truth if isinstance(first, CorrectnessCase) and verdict else None
@@ -340,35 +342,41 @@ class OpenAIJudge:
         )
         return [r for r in results if r is not None]
 
-    def _ask_all(self, kind: str, todo: dict[str, str]) -> dict[str, bool | None]:
-        """Ask the model about every prompt, at most `max_concurrency` at a time."""
-        out: dict[str, bool | None] = {}
+    def _count_call(self, _request: Any) -> None:
+        with self._lock:
+            self.counters.calls += 1
+
+    def _ask_all(self, kind: str, todo: dict[str, str]) -> dict[str, tuple[bool | None, str]]:
+        """(verdict, why it is missing) for every prompt, at most `max_concurrency` at a time. A
+        setup error (JudgeError) stops the batch; any other failure leaves its case invalid."""
+        out: dict[str, tuple[bool | None, str]] = {}
         pool = ThreadPoolExecutor(
             max_workers=min(self.max_concurrency, len(todo)), thread_name_prefix="judge"
         )
         try:
-            futures: dict[Future[bool | None], str] = {
+            futures: dict[Future[tuple[bool | None, str]], str] = {
                 pool.submit(self._ask_and_store, kind, key, prompt): key for key, prompt in todo.items()
             }
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for fut in done:
-                fut.result()  # re-raises the first failure; the rest are cancelled below
+                fut.result()  # re-raises a JudgeError; the rest are cancelled below
             for fut, key in futures.items():
                 out[key] = fut.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return out
 
-    def _ask_and_store(self, kind: str, key: str, prompt: str) -> bool | None:
-        reply = self._call(prompt)
-        verdict = parse_verdict(reply)
+    def _ask_and_store(self, kind: str, key: str, prompt: str) -> tuple[bool | None, str]:
+        reply, problem = self._call(prompt)
+        verdict = parse_verdict(reply) if reply is not None else None
         if verdict is None:
-            log.warning("unparsable %s reply from %s (not cached): %.200r", kind, self.model, reply)
+            problem = problem or f"unparsable reply {(reply or '')[:80]!r}"
+            log.warning("%s judge: %s case left invalid (not cached): %s", self.name, kind, problem)
         else:
             self._cache_put(key, kind, verdict, reply or "")
-        return verdict
+        return verdict, problem
 
-    # ---------------------------------------------------------------- HTTP with retries
+    # ---------------------------------------------------------------- one request
 
     def _request_kwargs(self, prompt: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -385,65 +393,28 @@ class OpenAIJudge:
             kwargs["max_completion_tokens"] = self.max_completion_tokens
         return kwargs
 
-    def _call(self, prompt: str) -> str | None:
-        """The model's reply text; retries transient failures, raises JudgeError on the rest."""
-        kwargs = self._request_kwargs(prompt)
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            with self._lock:
-                self.counters.calls += 1
-            retry_after: float | None = None
-            try:
-                completion = self._client.chat.completions.create(**kwargs)
-            except openai.APIStatusError as exc:  # an HTTP error status
-                status = exc.status_code
-                if status not in _RETRYABLE_STATUS and status < 500:
-                    raise JudgeError(
-                        f"{self.name} judge: {self.model} at {self.base_url} refused the request with HTTP "
-                        f"{status} ({self._redact(exc.message)}); not retried"
-                        + (f" - check {self.api_key_env}" if status in (401, 403) else "")
-                    ) from None
-                last = f"HTTP {status}: {self._redact(exc.message)}"
-                retry_after = _retry_after(exc.response.headers)
-            except openai.APIConnectionError as exc:  # connection errors and timeouts
-                last = f"{type(exc).__name__}: {self._redact(str(exc))}"
-            else:
-                choice = completion.choices[0] if completion.choices else None
-                if choice is None or not choice.message.content:
-                    log.warning(
-                        "%s returned no text (finish_reason=%s)",
-                        self.model,
-                        getattr(choice, "finish_reason", None),
-                    )
-                    return None
-                return choice.message.content
-            if attempt == self.max_retries:
-                break
-            delay = self._backoff(attempt, retry_after)
-            with self._lock:
-                self.counters.retries += 1
-            log.warning(
-                "%s judge: attempt %d/%d failed (%s); retrying in %.2fs",
-                self.name,
-                attempt + 1,
-                self.max_retries + 1,
-                last,
-                delay,
-            )
-            time.sleep(delay)
-        raise JudgeError(
-            f"{self.name} judge: {self.model} at {self.base_url} failed {self.max_retries + 1} times in a "
-            f"row; last error: {last}"
-        )
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with jitter (50-100 % of the step), capped; honours Retry-After."""
-        step = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-        with self._lock:
-            delay = step * (0.5 + 0.5 * self._rng.random())
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff_s))
-        return delay
+    def _call(self, prompt: str) -> tuple[str | None, str]:
+        """(the reply's text or None, why there is none). The client has already retried what
+        is worth retrying; a setup error raises JudgeError."""
+        try:
+            completion = self._client.chat.completions.create(**self._request_kwargs(prompt))
+            choice = completion.choices[0] if completion.choices else None
+            text = choice.message.content if choice is not None else None
+        except _FATAL as exc:
+            raise JudgeError(
+                f"{self.name} judge: {self.model} at {self.base_url} refused the request with HTTP "
+                f"{exc.status_code} ({self._redact(exc.message)}); not retried"
+                + (f" - check {self.api_key_env}" if exc.status_code in (401, 403) else "")
+            ) from None
+        except openai.APIStatusError as exc:  # 400, 422, ... or 429/5xx after every retry
+            return None, f"HTTP {exc.status_code}: {self._redact(exc.message)}"
+        except openai.APIConnectionError as exc:  # timeouts and connection errors after every retry
+            return None, f"{type(exc).__name__}: {self._redact(str(exc))}"
+        except (openai.APIError, AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            return None, f"unreadable reply ({type(exc).__name__}: {self._redact(str(exc))})"
+        if not text:
+            return None, f"no text (finish_reason={getattr(choice, 'finish_reason', None)})"
+        return text, ""
 
     def _redact(self, text: str, limit: int = 300) -> str:
         key = self._client.api_key
@@ -495,18 +466,3 @@ class OpenAIJudge:
                 "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?)",
                 (key, int(verdict), kind, self.model, reply, time.time()),
             )
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a `retry-after-ms` or `retry-after` header, when present and numeric."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if seconds >= 0:
-            return seconds
-    return None
