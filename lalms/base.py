@@ -117,17 +117,15 @@ class LALM:
     def sampling_rate(self) -> int:
         return int(self.processor.feature_extractor.sampling_rate)
 
-    def fingerprint(self, sample: int = 65536) -> str:
-        """A digest of the weights and of how prompts are rendered: caches of the unedited model's
-        answers are keyed by it. Each tensor contributes its name, shape, dtype and at most
-        `sample` evenly strided values, so a 7B model is fingerprinted in about a second."""
+    def fingerprint(self) -> str:
+        """A digest of every weight and buffer and of how prompts are rendered: caches of the
+        unedited model's answers are keyed by it, so a model with one changed value never
+        shares another's. Hashed where the tensors live (benchmarks/fingerprint.py)."""
         h = hashlib.sha256()
         h.update(f"{type(self).__name__}|{self.template}|{self.system_prompt}".encode())
         for name, p in self.model.state_dict().items():
-            flat = p.detach().reshape(-1)
-            values = flat[:: max(1, flat.numel() // sample)].float().cpu().numpy()
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
-            h.update(values.tobytes())
+            h.update(tensor_digest(p))
         return h.hexdigest()[:16]
 
     # ----------------------------------------------------------------- prompts
@@ -288,6 +286,31 @@ class LALM:
         out = self.model.generate(**batch, generation_config=cfg)
         new = out[:, batch["input_ids"].shape[1] :]
         return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+_CHUNK = 1 << 26  # bytes hashed per step on an accelerator
+_MULTIPLIERS = (0x9E3779B97F4A7C15 - (1 << 64), 0xC2B2AE3D27D4EB4F - (1 << 64))  # as signed int64
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """A digest of every byte of `t`. On the CPU, sha256 of the bytes; on an accelerator, where
+    copying a 7B model out would dominate, two position-weighted 64-bit sums per chunk (odd
+    weights: any one changed byte changes them), computed there and then hashed."""
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if flat.device.type == "cpu":
+        return hashlib.sha256(flat.numpy().tobytes()).digest()
+    return device_digest(flat)
+
+
+def device_digest(flat: torch.Tensor) -> bytes:
+    """`tensor_digest` of a flat uint8 tensor, computed on its device."""
+    h = hashlib.sha256()
+    for start in range(0, flat.numel(), _CHUNK):
+        x = flat[start : start + _CHUNK].to(torch.int64)
+        pos = torch.arange(start, start + len(x), device=x.device, dtype=torch.int64)
+        sums = [(x * (pos * m + 1 | 1)).sum() for m in _MULTIPLIERS]  # int64 wraps: sums mod 2**64
+        h.update(torch.stack(sums).cpu().numpy().tobytes())
+    return h.digest()
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -129,3 +129,24 @@ def test_saved_model_reloads_identically(lalm, clips, tmp_path):
     before = lalm.loss(prompts, answers)
     reloaded = type(lalm).load(str(lalm.save(tmp_path / "copy")))
     torch.testing.assert_close(reloaded.loss(prompts, answers), before, atol=0, rtol=0)
+
+
+def test_the_fingerprint_covers_every_value(tiny_dirs):
+    """One changed weight (the smallest step of one value) gives another fingerprint, on the
+    CPU path and on the accelerator path (run here on CPU tensors)."""
+    from lalms import Qwen2Audio
+    from lalms.base import device_digest
+
+    lalm = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))
+    before = lalm.fingerprint()
+    weight = next(lalm.model.parameters())
+    flat = weight.detach().reshape(-1).view(torch.uint8)
+    digest = device_digest(flat)
+    with torch.no_grad():
+        value = weight.view(-1)[weight.numel() // 2].clone()
+        weight.view(-1)[weight.numel() // 2] = torch.nextafter(value, value + 1)
+    assert lalm.fingerprint() != before
+    assert device_digest(weight.detach().reshape(-1).view(torch.uint8)) != digest
+    with torch.no_grad():
+        weight.view(-1)[weight.numel() // 2] = value
+    assert lalm.fingerprint() == before and device_digest(flat) == digest
