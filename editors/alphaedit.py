@@ -64,7 +64,8 @@ class AlphaEdit:
         lalm.model.requires_grad_(False)
 
     def projection(self, site: Site) -> torch.Tensor:
-        """P onto the null space of the preserved keys' second moment, computed once per site."""
+        """P onto the null space of the preserved keys' second moment, computed once per site on
+        the unedited model (`apply` computes every site's before its first update)."""
         if site.path not in self._projections:
             root, audio_root, n_text, n_audio, cache = self.corpus
             moment = second_moment(self.lalm, site, root, audio_root, n_text, n_audio, cache).float()
@@ -85,6 +86,8 @@ class AlphaEdit:
         return torch.einsum("bt,btd->bd", weights.to(seen["h"].dtype), seen["h"]).float()
 
     def apply(self, request: EditRequest) -> AlphaEditHandle:
+        for site in self.sites:  # every null space on the unedited model, before any update
+            self.projection(site)
         lalm = self.lalm
         batch, neutral = edit_batches(lalm, request, self.prefixes, self.neutral_question)
         _, _, weights = self.sites[-1].keys_and_outputs(batch)

@@ -59,7 +59,8 @@ class ROME:
         lalm.model.requires_grad_(False)
 
     def inverse_moment(self, site: Site) -> torch.Tensor:
-        """C^-1 (with `regularisation` times its mean diagonal added), computed once per site."""
+        """C^-1 (with `regularisation` times its mean diagonal added), computed once per site, on
+        the unedited model (`apply` computes every site's before its first edit)."""
         if site.path not in self._inverse:
             root, audio_root, n_text, n_audio, cache = self.corpus
             c = second_moment(self.lalm, site, root, audio_root, n_text, n_audio, cache).float()
@@ -80,6 +81,8 @@ class ROME:
         return torch.outer(delta, ck) / (k @ ck)
 
     def apply(self, request: EditRequest) -> WeightSnapshot:
+        for site in self.sites:  # every C on the unedited model, before this edit changes a site
+            self.inverse_moment(site)
         snapshot = WeightSnapshot(self.lalm.model, [s.param for s in self.sites])
         try:
             for site in self.sites:  # each on the model with the earlier sites' updates in place

@@ -134,3 +134,21 @@ def test_steering_routes_each_sample_and_undo_removes_it(shipped_lalm, mini_dir,
     assert shipped_lalm.generate([s.prompt], 8) == edited[:1]  # alone or batched, the same decision
     handle.undo()
     assert shipped_lalm.generate(batch, 8) == unedited and steering._hook is None
+
+
+def test_key_statistics_come_from_the_unedited_model(shipped_lalm, mini_dir, samples, tmp_path):
+    """AlphaEdit's null spaces and cross-modal ROME's C^-1 after a few edits equal those of a
+    fresh editor on the unedited model (each layer's, not computed after a lower one changed)."""
+    alpha = AlphaEdit(shipped_lalm, [1, 2], str(mini_dir), cache_dir=None, **COMMON)
+    handles = [alpha.apply(request(s.instance, s.prompt)) for s in samples[1:3]]
+    for h in reversed(handles):
+        h.undo()
+    fresh = AlphaEdit(shipped_lalm, [1, 2], str(mini_dir), cache_dir=None, **COMMON)
+    for site in alpha.sites:
+        assert torch.equal(alpha._projections[site.path], fresh.projection(site)), site.path
+    sites = ["audio.layers.-1.fc2", "llm.layers.2.mlp.down_proj"]
+    rome = ROME(shipped_lalm, sites, str(mini_dir), cache_dir=None, **COMMON)
+    rome.apply(request(samples[1].instance, samples[1].prompt)).undo()
+    again = ROME(shipped_lalm, sites, str(mini_dir), cache_dir=None, **COMMON)
+    for site in rome.sites:
+        assert torch.equal(rome._inverse[site.path], again.inverse_moment(site)), site.path
