@@ -24,6 +24,25 @@ def plain(value: Any) -> Any:
     return value
 
 
+# fp16 needs a gradient scaler: checks and clipping would act on scaled gradients, and a skipped
+# step would never let the scaler lower its scale. bf16 has fp32's range and needs none.
+FP16 = ("16", "16-mixed", "16-true")
+
+
+def refuse_fp16(trainer: L.Trainer, what: str) -> None:
+    if str(trainer.precision) in FP16:
+        raise ValueError(
+            f"{what}: trainer.precision={trainer.precision} is not supported (the non-finite-step check and "
+            "gradient clipping would see scaled gradients); use trainer.precision=bf16-mixed (GPU) or 32-true"
+        )
+
+
+def finite_everywhere(grads: list[torch.Tensor], trainer: L.Trainer) -> bool:
+    """Whether every gradient is finite on every rank (all ranks then skip or step together)."""
+    local = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    return bool(trainer.strategy.reduce(local.float(), reduce_op="min") > 0)
+
+
 class LALMModule(L.LightningModule):
     """Holds the adapter; its model is a registered submodule (moved, optimised, checkpointed).
 

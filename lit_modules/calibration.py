@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class CalibrationModule(L.LightningModule, abc.ABC):
         self.summary: dict[str, Any] = {}  # figures behind the choice, exported with it
         # DDP wraps a module only if it has a trainable parameter; calibration has none to train.
         self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
+        self.skipped_records = 0
 
     def build(self, **overrides: Any) -> Any:
         """The editor of the config with `overrides`, on this module's model."""
@@ -94,8 +96,14 @@ class CalibrationModule(L.LightningModule, abc.ABC):
     def training_step(self, examples: list[EditExample], batch_idx: int) -> None:
         self.optimizers().step()
         records = self.record(examples, "train")
-        self.records["train"].extend(records)
-        logs = self.step_logs(records)
+        kept = [r for r in records if _finite(r)]  # an edit whose figures are NaN/inf says nothing
+        if len(kept) < len(records):
+            self.skipped_records += len(records) - len(kept)
+            log.warning("batch %d: %d non-finite records skipped", batch_idx, len(records) - len(kept))
+        self.records["train"].extend(kept)
+        self.log("train/skipped_records", float(self.skipped_records), batch_size=len(examples))
+        records = kept
+        logs = self.step_logs(records) if records else {}
         if logs:
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=len(examples))
 
@@ -177,6 +185,17 @@ class CalibrationModule(L.LightningModule, abc.ABC):
     @property
     def editor_name(self) -> str:
         return self.editor_cfg["_target_"].rsplit(".", 1)[-1].lower()
+
+
+def _finite(value: Any) -> bool:
+    """Whether every number in a record (nested lists and dicts) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def edit_key(example: EditExample) -> str:

@@ -42,7 +42,7 @@ from editors.hypernet import HyperNetwork, per_row_nll
 from editors.registry import build
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits
 from lalms.prompt import Prompt
-from lit_modules.base import data_info, plain, run_info
+from lit_modules.base import data_info, finite_everywhere, plain, refuse_fp16, run_info
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
             self.lalm.model.to(self.device)
 
     def on_fit_start(self) -> None:
+        refuse_fp16(self.trainer, f"meta-training {type(self.net).__name__}")
         self._place_base_model()
 
     def on_validation_start(self) -> None:
@@ -188,8 +189,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        finite = bool(self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0)  # all ranks agree
+        finite = finite_everywhere(grads, self.trainer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hparams.max_grad_norm)
         if finite:
             opt.step()

@@ -14,7 +14,7 @@ import torch
 
 from evaluation.exact import exact_match
 from lalms.base import LALM
-from lit_modules.base import LALMModule
+from lit_modules.base import LALMModule, finite_everywhere, refuse_fp16
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,21 @@ class TinyPretrainModule(LALMModule):
         super().__init__(lalm)
         self.save_hyperparameters(ignore=["lalm"])
         self._correct: dict[str, list[float]] = defaultdict(list)
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    def on_fit_start(self) -> None:
+        refuse_fp16(self.trainer, "pretraining the tiny LALM")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A step with a non-finite gradient on any rank is skipped on every rank: without
+        gradients the optimiser leaves every weight as it is."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not finite_everywhere([p.grad for p in params], self.trainer):
+            for p in params:
+                p.grad = None
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradients, skipped", self.global_step)
+        self.log("train/skipped_steps", self.skipped_steps.float())
 
     def on_train_epoch_start(self) -> None:
         self.model.train()  # Lightning keeps submodule modes; the adapter loads models in eval mode
