@@ -89,8 +89,9 @@ def save_editor(
     editor: str,
     data: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Export a hypernetwork editor."""
+    """Export a hypernetwork editor; `recipe` is the training config it came from."""
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     info = {
         "editor": editor,
@@ -98,6 +99,7 @@ def save_editor(
         "model": model_info(network),
         "data": dict(data or {}),
         "training": dict(training or {}),
+        "recipe": dict(recipe) if recipe is not None else None,
     }
     return _write(out_dir, info, lambda tmp: save_file(state, tmp / WEIGHTS))
 
@@ -110,6 +112,7 @@ def save_calibrated(
     data: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export a calibrated editor: `config` (with the calibrated values) rebuilds it, and its
     `state_dict()` (tensors, tuples, dicts, numbers) restores what it cached."""
@@ -120,6 +123,7 @@ def save_calibrated(
         "data": dict(data or {}),
         "training": dict(training or {}),
         "calibration": dict(calibration or {}),
+        "recipe": dict(recipe) if recipe is not None else None,
     }
     state = editor.state_dict()
     return _write(out_dir, info, lambda tmp: torch.save(state, tmp / STATE))

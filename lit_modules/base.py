@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from evaluation.identity import differences, digest
 from lalms.base import LALM
 
 
@@ -59,21 +62,51 @@ class LALMModule(L.LightningModule):
         return batch
 
 
+class ExportConflict(FileExistsError):
+    """The export folder holds an editor trained by another recipe."""
+
+
 class ExportEditor(L.Callback):
     """At the end of training, rank 0 exports the editor (the module's `export`) to `out_dir`.
 
     Every trained editor (MEND and KE's networks, WISE and UnKE's calibrations) exports to the
-    same layout, so `evaluate.py ckpt=<out_dir>` loads each alike.
+    same layout, so `evaluate.py ckpt=<out_dir>` loads each alike. The export records the
+    training `recipe` (lit_modules/hydra_utils.py: train_recipe) and never replaces an export of
+    another recipe: that is refused before training starts, naming what differs.
     """
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str, recipe: Mapping[str, Any] | None = None) -> None:
         self.out_dir = Path(out_dir)
+        self.recipe = plain(recipe) if recipe is not None else None
+
+    def status(self) -> str:
+        """"missing", "same" (an export of this recipe is there) or "other" (see `check`)."""
+        info = self.out_dir / "editor.yaml"
+        if not info.is_file():
+            return "missing"
+        there = yaml.safe_load(info.read_text(encoding="utf-8")).get("recipe")
+        return "same" if there == self.recipe else "other"
+
+    def check(self) -> None:
+        """ExportConflict when `out_dir` holds an editor of another recipe."""
+        if self.recipe is None or self.status() != "other":
+            return
+        there = yaml.safe_load((self.out_dir / "editor.yaml").read_text(encoding="utf-8")).get("recipe") or {}
+        diff = differences(there, self.recipe)
+        raise ExportConflict(
+            f"{self.out_dir} holds an editor trained by another recipe (recipe {digest(there, 8)} there, "
+            f"{digest(self.recipe, 8)} now); what differs:\n  " + "\n  ".join(diff)
+            + f"\nExport this one elsewhere (editor.callbacks.export.out_dir=...), or remove {self.out_dir}."
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()  # before any training: a conflicting run would only find out at the end
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not hasattr(pl_module, "export"):
             raise TypeError(f"ExportEditor: {type(pl_module).__name__} has no export(out_dir, trainer)")
         if trainer.is_global_zero:
-            pl_module.export(self.out_dir, trainer)
+            pl_module.export(self.out_dir, trainer, self.recipe)
 
 
 def data_info(trainer: L.Trainer) -> dict[str, Any]:

@@ -164,14 +164,14 @@ class CalibrationModule(L.LightningModule, abc.ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.records = checkpoint.get("calibration_records", {s: [] for s in SPLITS})
 
-    def export(self, out_dir: Path, trainer: L.Trainer) -> Path:
+    def export(self, out_dir: Path, trainer: L.Trainer, recipe: Mapping[str, Any] | None = None) -> Path:
         if self.chosen is None:
             raise RuntimeError("export before calibration: the training epoch did not finish")
         config = {**self.editor_cfg, **self.chosen}
         name = self.editor_name
         out = save_calibrated(
             self.exported_editor(), config, out_dir, name, data_info(trainer), run_info(trainer),
-            {"chosen": self.chosen, **self.summary},
+            {"chosen": self.chosen, **self.summary}, recipe,
         )  # fmt: skip
         log.info("exported the calibrated %s editor (%s) to %s", name, self.chosen, out)
         return out

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editors.checkpoint import export_digest, load_editor, read_info
 from evaluation.identity import config_digest
+from lit_modules.base import plain
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,43 @@ def eval_run_name(*, _root_: DictConfig) -> str:
     return f"{editor}-{cfg.model.name}-{cfg.data.name}{split}-{tag}"
 
 
+# Config keys of train.py that change what it trains (its recipe), and parts of them that do not.
+RECIPE_KEYS = ("model", "data", "editor", "module", "trainer", "seed")
+NOT_RECIPE = {"editor": ("callbacks",), "trainer": ("default_root_dir",), "data": ("num_workers",)}
+
+
+def train_recipe(*, _root_: DictConfig) -> dict:
+    """What a train.py run trains: the model, data, editor and module configs, the trainer's
+    schedule and the seed (not where it writes, logs or exports). Exports record it, and an
+    export of another recipe is never replaced (lit_modules/base.py: ExportEditor)."""
+    recipe = {}
+    for key in RECIPE_KEYS:
+        node = _root_.get(key)
+        if isinstance(node, DictConfig):
+            skip = NOT_RECIPE.get(key, ())
+            recipe[key] = {k: plain(node[k]) for k in node if k not in skip}
+        else:
+            recipe[key] = node
+    return _relative(recipe, str(_root_.paths.root_dir))
+
+
+def _relative(value, root: str):
+    """Paths under the project folder written relative to it: a clone elsewhere has the same recipe."""
+    if isinstance(value, str):
+        return value.replace(root, "${paths.root_dir}") if root else value
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, root) for v in value]
+    return value
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use (idempotent)."""
     from analysis.tracing import traced_layer
 
     OmegaConf.register_new_resolver("eval_run_name", eval_run_name, replace=True)
+    OmegaConf.register_new_resolver("train_recipe", train_recipe, replace=True)
     OmegaConf.register_new_resolver("traced_layer", traced_layer, replace=True)
 
 

@@ -25,7 +25,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,7 +225,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
             self.val_metrics[k].update(v.detach(), weight=len(examples))
             self.log(f"val/{k}", self.val_metrics[k], on_step=False, on_epoch=True)
 
-    def export(self, out_dir: Path, trainer: L.Trainer) -> Path:
+    def export(self, out_dir: Path, trainer: L.Trainer, recipe: Mapping[str, Any] | None = None) -> Path:
         """Write the network for `evaluate.py ckpt=` (rank 0): the best validation checkpoint's
         weights when a ModelCheckpoint monitors one, else the final ones."""
         monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
@@ -242,7 +242,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
             net.load_state_dict(state)
         training = {**run_info(trainer), "weights": source}
         out = save_editor(
-            net, self.network_cfg, out_dir, type(net).__name__.lower(), data_info(trainer), training
+            net, self.network_cfg, out_dir, type(net).__name__.lower(), data_info(trainer), training, recipe
         )
         if state is not None:
             net.load_state_dict(current)

@@ -258,3 +258,31 @@ def test_the_tiny_recipe_meets_the_issue_bars(editor, bars, tmp_path):
     metrics = yaml.safe_load((tmp_path / "export" / "editor.yaml").read_text())["training"]["metrics"]
     for key, bar in bars.items():
         assert metrics[f"val/{key}"] >= bar, (key, metrics)
+
+
+def test_an_export_of_another_recipe_is_never_replaced(mini_dir, tmp_path):
+    """A 2-step trial cannot replace the editor a longer run exported; `make run`'s
+    skip_if_exported=true reuses an export only when it was made by the very same recipe."""
+    export = tmp_path / "export"
+    common = [
+        "editor=mend", f"data.root={mini_dir}", "data.build_mini=false", "data.batch_size=2",
+        "+trainer.limit_val_batches=1", "editor.module.network.rank=16",
+        f"editor.callbacks.export.out_dir={export}",
+    ]  # fmt: skip
+
+    def train(*args):
+        env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+        return subprocess.run([sys.executable, "train.py", *common, *args], cwd=ROOT, capture_output=True,
+                              text=True, env=env, timeout=600)  # fmt: skip
+
+    assert train("+trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'a'}").returncode == 0
+    first = (export / "editor.safetensors").read_bytes()
+    trial = train("+trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'b'}")
+    assert trial.returncode != 0 and "holds an editor trained by another recipe" in trial.stderr
+    assert "trainer.max_steps: 4 there, 2 now" in trial.stderr
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before training
+    same = train("+trainer.max_steps=4", "skip_if_exported=true", f"hydra.run.dir={tmp_path / 'c'}")
+    assert same.returncode == 0 and "already trained by this recipe" in same.stdout + same.stderr
+    assert (export / "editor.safetensors").read_bytes() == first and not (
+        export.parent / "export.previous"
+    ).exists()
