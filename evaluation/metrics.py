@@ -27,6 +27,7 @@ def query_keys(q: QueryResult, attribute: str, gap: int | None = None) -> list[s
     keys = [f"overall/{q.kind}", f"by_attribute/{attribute.capitalize()}/{q.kind}"]
     if q.type and q.kind in ("generality", "audio_locality"):
         keys.append(f"by_type/{q.kind}_type{q.type}")
+        keys.append(f"by_attribute_type/{attribute.capitalize()}/{q.kind}_type{q.type}")
     if q.kind == "portability" and q.category:
         keys.append(f"by_category/{q.category}")
     return keys
@@ -34,10 +35,12 @@ def query_keys(q: QueryResult, attribute: str, gap: int | None = None) -> list[s
 
 def all_keys(attributes: Iterable[str], categories: Iterable[str]) -> list[str]:
     """Every tally a run can touch, in a fixed order shared by all ranks."""
+    attributes = sorted({a.capitalize() for a in attributes})
     keys = [f"overall/{m}" for m in METRICS]
-    keys += [f"by_attribute/{a.capitalize()}/{m}" for a in sorted(set(attributes)) for m in METRICS]
-    keys += [f"by_type/generality_type{t}" for t in (1, 2, 3)]
-    keys += [f"by_type/audio_locality_type{t}" for t in (1, 2, 3, 4)]
+    keys += [f"by_attribute/{a}/{m}" for a in attributes for m in METRICS]
+    types = [f"generality_type{t}" for t in (1, 2, 3)] + [f"audio_locality_type{t}" for t in (1, 2, 3, 4)]
+    keys += [f"by_type/{t}" for t in types]
+    keys += [f"by_attribute_type/{a}/{t}" for a in attributes for t in types]
     keys += [f"by_category/{c}" for c in sorted(set(categories))]
     keys += [f"sequential/{m}/{g}" for m in METRICS for g in GAPS]
     keys += ["invalid/single", "invalid/sequential", "degenerate/single"]
@@ -104,7 +107,8 @@ def _rate(hits: float, count: int) -> float | None:
 
 def summarise(values: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
     """The metrics.json layout (percentages 0-100; None where nothing was measured)."""
-    out: dict[str, Any] = {"overall": {}, "by_attribute": {}, "by_type": {}, "by_category": {}}
+    out: dict[str, Any] = {"overall": {}, "by_attribute": {}, "by_type": {}, "by_attribute_type": {},
+                           "by_category": {}}  # fmt: skip
     counts: dict[str, Any] = {"single": {}, "sequential": {}}
     sequential: dict[str, dict[str, float | None]] = {}
     for key, (hits, n) in values.items():
@@ -112,8 +116,8 @@ def summarise(values: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
         if parts[0] == "overall":
             out["overall"][parts[1]] = _rate(hits, n)
             counts["single"][parts[1]] = n
-        elif parts[0] == "by_attribute" and n:
-            out["by_attribute"].setdefault(parts[1], {})[parts[2]] = _rate(hits, n)
+        elif parts[0] in ("by_attribute", "by_attribute_type") and n:
+            out[parts[0]].setdefault(parts[1], {})[parts[2]] = _rate(hits, n)
         elif parts[0] in ("by_type", "by_category"):
             out[parts[0]][parts[1]] = _rate(hits, n)
         elif parts[0] == "sequential":

@@ -70,7 +70,9 @@ class QueryResult:
         )  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QueryResult:
+    def from_dict(cls, d: Mapping[str, Any] | QueryResult) -> QueryResult:
+        if isinstance(d, QueryResult):
+            return d
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
 
 

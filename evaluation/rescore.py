@@ -110,8 +110,23 @@ def from_easyedit(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def inputs(path: Path) -> list[Path]:
+    """The files a `results=` path names: itself, or the EasyEdit files (*.json) of a folder."""
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"results={path}: a folder without EasyEdit output files (*.json)")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"results={path}: no such file or folder")
+    return [path]
+
+
 def load(path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """("single" | "sequential", records with QueryResult objects) from either format."""
+    """("single" | "sequential", records with QueryResult objects) from either format; a folder
+    holds EasyEdit files (e.g. the SAKE authors' Animal.json, Emotion.json, ...), read in turn."""
+    if path.is_dir():
+        return "single", [r for f in inputs(path) for r in from_easyedit(f)]
     if path.suffix == ".json":
         return "single", from_easyedit(path)
     records = read_lines(path)[0]
@@ -131,16 +146,15 @@ def run(results: str, judge: Judge, out_dir: Path) -> dict[str, Any]:
     refused before any verdict is asked for. Re-running into the same folder keeps its verdicts
     and asks again only for the invalid ones (a judge that failed on them)."""
     path = Path(results)
-    if not path.is_file():
-        raise FileNotFoundError(f"results={results}: no such file")
+    inputs(path)  # a clear error for a missing input, before the folder is locked
     with RunLock(out_dir):
         return _rescore(path, judge, out_dir)
 
 
 def _rescore(path: Path, judge: Judge, out_dir: Path) -> dict[str, Any]:
     mode, records = load(path)
-    identity = {"input": {"file": path.name, "content": hashlib.sha256(path.read_bytes()).hexdigest()[:16]},
-                "judge": judge.identity()}  # fmt: skip
+    content = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in inputs(path)))
+    identity = {"input": {"file": path.name, "content": content.hexdigest()[:16]}, "judge": judge.identity()}
     check_run(out_dir, identity)
     parts = [p for r in records for p in (r["evals"] if mode == "sequential" else [r])]
     queries = [q for p in parts for q in p["queries"]]

@@ -285,7 +285,8 @@ def test_correctness_keeps_order_and_always_decides():
         ("dog", "", ANIMALS, False, "empty", None),
         ("", "", ANIMALS, False, "empty", None),
         ("hmm", "   ", ANIMALS, False, "empty", None),
-        ("moo moo moo moo", "moo moo moo moo", ANIMALS, False, "degenerate", None),
+        # the paper's rules first: an unchanged answer is consistent, even a looping one
+        ("moo moo moo moo", "moo moo moo moo", ANIMALS, True, "same-text", None),
         ("dog", "dog dog dog dog dog", ANIMALS, False, "degenerate", None),
         ("dog", "I cannot tell.", ANIMALS, False, "commitment-lost", None),
         ("I cannot tell.", "dog", ANIMALS, False, "commitment-gained", "dog"),

@@ -22,6 +22,7 @@ was reached.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Sequence
@@ -32,9 +33,18 @@ from datamodules.options import normalize, option_letters, resolve_answer
 from evaluation.degeneration import is_degenerate
 from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
 
-# Words (with inner apostrophes: "it's", "isn't") and the punctuation that structures a sentence.
-_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[.!?;:,/]")
-_CLAUSE_END = frozenset(".!?;:")
+# Numbers with their separators and unit ("2,000", "0.4m"), words (with their combining
+# diacritics, "l̪" is not "l"; with inner apostrophes: "it's", "isn't"), the punctuation that
+# structures a sentence, and line breaks (a bullet list's items are sentences of their own).
+_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # combining diacritics
+_TOKEN = re.compile(
+    rf"\d+(?:[.,]\d+)*[^\W\d_]*|[^\W_](?:[^\W_]|[{_MARKS}])*(?:'[^\W_]+)*|[.!?;:,/]|\n"
+)
+_CLAUSE_END = frozenset(".!?;:\n")
+_SENTENCE_END = frozenset(".!?;\n")
+_ANSWER_ADJECTIVES = frozenset({"correct", "right", "best", "final", "most", "likely", "appropriate", "only"})
+# A subject that judges ("the most appropriate expression", "the correct statement about X").
+_JUDGING = frozenset({"correct", "right", "best", "most", "appropriate", "accurate", "true", "suitable"})
 _PUNCTUATION = _CLAUSE_END | {",", "/"}
 _ARTICLES = frozenset({"a", "an", "the"})
 # "'s" is dropped from possessives ("dog's" -> "dog") but kept in these contractions.
@@ -97,7 +107,7 @@ _LEAD_IN = frozenset(
 _SCOPE_END = frozenset(
     "but however rather instead it it's its this that that's which who is are was were so therefore "
     "thus hence because since as while whereas more i i'm i'd he she he's she's they they're yes "
-    "actually only".split()
+    "actually only if when unless where whether although though after before until".split()
 )
 # Words that may sit inside a negated list without ending it ("not angry, sad or disgusted").
 _CONNECTORS = frozenset({",", "/", "or", "and", "nor", "a", "an", "the", "either", "even"})
@@ -208,7 +218,10 @@ def _patterns(options: Sequence[str]) -> list[_Pattern]:
         distinctive: frozenset[str] = frozenset()
         if len(content[i]) >= 2:
             others = set().union(*(c for j, c in enumerate(content) if j != i))
-            distinctive = frozenset(content[i] - others)
+            # words, not numbers or letters: "2" alone does not name "2,000 s"
+            distinctive = frozenset(
+                w for w in content[i] - others if w.isalpha() and len(w) >= 3 and w not in _NUMBER_WORDS
+            )
         k = len(distinctive)
         patterns.append(_Pattern(phrase, distinctive, k if k <= 2 else math.ceil(2 * k / 3)))
     return patterns
@@ -219,14 +232,20 @@ def _mentions(tokens: list[str], patterns: list[_Pattern]) -> list[_Mention]:
     stems = [_stem(w) for w in lemmas]
     n = len(tokens)
     found: list[_Mention] = []
+    # Phrases match over the words alone: "I'm not sure, but ..." is the option "I’m not sure but".
+    words = [i for i, t in enumerate(tokens) if t not in _PUNCTUATION]
+    word_lemmas = [lemmas[i] for i in words]
     for o, pat in enumerate(patterns):
         size = len(pat.phrase)
         if size:
             found += [
-                _Mention(o, i, i + size, True)
-                for i in range(n - size + 1)
-                if tuple(lemmas[i : i + size]) == pat.phrase
+                _Mention(o, words[i], words[i + size - 1] + 1, True)
+                for i in range(len(words) - size + 1)
+                if tuple(word_lemmas[i : i + size]) == pat.phrase
             ]
+        if size == 1 and len(pat.phrase[0]) >= 6:  # a compound written apart: "easy listening"
+            apart = [i for i in range(n - 1) if tokens[i] + tokens[i + 1] == pat.phrase[0]]
+            found += [_Mention(o, i, i + 2, True) for i in apart]
         if not pat.distinctive:
             continue
         window = size + 4
@@ -310,8 +329,8 @@ def _hedged(tokens: list[str], mentions: list[_Mention]) -> set[int]:
         before, this = mentions[group[-1]], mentions[k]
         between = tokens[before.end : this.start]
         if this.start >= before.end and all(t in _LIST_JOINERS for t in between):
-            group.append(k)
-            conjunction = conjunction or any(t in _CONJUNCTIONS for t in between)
+            group.append(k)  # "rock, punk" lists; "the rooster crows" (nothing between) does not
+            conjunction = conjunction or any(t in _CONJUNCTIONS or t == "," for t in between)
             continue
         if this.start < before.end:  # overlapping mentions stay in the running group
             continue
@@ -332,27 +351,103 @@ def _explicit(tokens: list[str], start: int) -> bool:
     return any(j + 1 >= len(m) and tuple(tokens[j + 1 - len(m) : j + 1]) == m for m in _MARKERS)
 
 
-def _choose(tokens: list[str], patterns: list[_Pattern]) -> int | None:
+# A strong statement of the answer: "the (correct) answer is X", "Answer: X", "I'd say X",
+# "I choose X" (not "the answer could be X, Y or Z", which lists possibilities).
+_ANSWER_NOUNS = frozenset({"answer", "option", "choice", "statement", "response", "genre", "category"})
+_STATEMENT_VERBS = (("is",), ("would", "be"), ("will", "be"), ("should", "be"), ("must", "be"), (":",))
+_FIRST_PERSON = (("i", "say"), ("i'd", "say"), ("i", "would", "say"), ("i", "choose"), ("i", "select"),
+                 ("i", "pick"), ("i'll", "go", "with"), ("i", "would", "choose"))  # fmt: skip
+
+
+def _sentences(tokens: list[str]) -> list[int]:
+    """The sentence index of each token (a new sentence after . ! ? ; or a line break)."""
+    index, out = 0, []
+    for t in tokens:
+        out.append(index)
+        if t in _SENTENCE_END:
+            index += 1
+    return out
+
+
+def _statements(tokens: list[str]) -> list[tuple[int, int]]:
+    """(start, end) token spans stated as the answer: what follows "answer is" / "Answer:" /
+    "I'd say" up to the end of its sentence, and what precedes "is the correct answer"."""
+    spans, n = [], len(tokens)
+    for i, t in enumerate(tokens):
+        if t in _ANSWER_NOUNS:
+            for verb in _STATEMENT_VERBS:
+                if tuple(tokens[i + 1 : i + 1 + len(verb)]) == verb:
+                    start = i + 1 + len(verb)
+                    if start < n and tokens[start] == ":":  # "answer is: X"
+                        start += 1
+                    end = next((j for j in range(start, n) if tokens[j] in _SENTENCE_END), n)
+                    if end > start:
+                        spans.append((start, end))
+                    break
+            # "X is the (correct) answer"
+            j = i - 1
+            while j >= 0 and tokens[j] in _ANSWER_ADJECTIVES:
+                j -= 1
+            if j >= 1 and tokens[j] == "the" and tokens[j - 1] == "is":
+                begin = max((k + 1 for k in range(j - 1) if tokens[k] in _SENTENCE_END), default=0)
+                spans.append((begin, j - 1))
+    for phrase in _FIRST_PERSON:
+        for i in range(n - len(phrase) + 1):
+            if tuple(tokens[i : i + len(phrase)]) == phrase:
+                start = i + len(phrase)
+                end = next((j for j in range(start, n) if tokens[j] in _SENTENCE_END), n)
+                spans.append((start, end))
+    # "The most appropriate expression to find ... is X": a judging subject, then its verb
+    for i in range(n - 1):
+        if tokens[i] == "the" and tokens[i + 1] in _JUDGING:
+            end = next((j for j in range(i, n) if tokens[j] in _SENTENCE_END), n)
+            verb = next((j for j in range(i + 2, end) if tokens[j] in ("is", "are", ":")), None)
+            if verb is not None:
+                spans.append((verb + 1 + (verb + 1 < end and tokens[verb + 1] == ":"), end))
+    return sorted(set(spans))
+
+
+def _answer(tokens: list[str], patterns: list[_Pattern]) -> frozenset[int]:
+    """The options a response gives as its answer (empty: none). In order of precedence:
+    the options in its last explicit answer statement ("the answer is X"); the one option it
+    names without rejecting it; the one option stated outright ("it is X", "sounds X") among
+    those not listed as alternatives; the option the response opens with; the options of the
+    first sentence that names any
+    (models state their choice first and explain after). Several options are a hedge ("dog or
+    cat") or a multi-label answer ("engine, siren and train")."""
     mentions = _mentions(tokens, patterns)
     if not mentions:
-        return None
+        return frozenset()
     in_mention = [False] * len(tokens)
     for m in mentions:
         for j in range(m.start, m.end):
             in_mention[j] = True
     negated = _negated(tokens, in_mention)
-    live = [k for k, m in enumerate(mentions) if not negated[m.start]]
-    free = {mentions[k].option for k in live}
-    if len(free) <= 1:
-        return free.pop() if free else None
+    live = [m for m in mentions if not negated[m.start]]
+    if not live:
+        return frozenset()
+    # The statements that name one option; when they disagree, the last (a final answer).
+    stated = [frozenset(m.option for m in live if a <= m.start < b) for a, b in _statements(tokens)]
+    single = [s for s in stated if len(s) == 1]
+    if single:
+        return single[-1]
+    free = frozenset(m.option for m in live)
+    if len(free) == 1:
+        return free
     hedged = _hedged(tokens, mentions)
-    sure = [mentions[k] for k in live if k not in hedged]
-    explicit = {m.option for m in sure if _explicit(tokens, m.start)}
+    sure = [m for k, m in enumerate(mentions) if m in live and k not in hedged]
+    explicit = frozenset(m.option for m in sure if _explicit(tokens, m.start))
     if len(explicit) == 1:
-        return explicit.pop()
+        return explicit
     first = next((j for j, t in enumerate(tokens) if t not in _PUNCTUATION and t not in _ARTICLES), -1)
-    opening = {m.option for m in sure if m.start == first}
-    return opening.pop() if len(opening) == 1 else None
+    opening = frozenset(m.option for m in sure if m.start == first)
+    if len(opening) == 1:  # "Dog. It barks, unlike a cat."
+        return opening
+    sentence = _sentences(tokens)
+    lead = min(sentence[m.start] for m in live)
+    answer = frozenset(m.option for m in live if sentence[m.start] == lead)
+    # naming every one of three or more options restates the question: no answer
+    return frozenset() if len(answer) == len(patterns) >= 3 else answer
 
 
 # A lettered option referred to by its letter: the whole response ("C", "(c)", "C."), a
@@ -371,30 +466,60 @@ def _letter(response: str, letters: Sequence[str]) -> int | None:
     return letters.index(named.pop()) if len(named) == 1 else None
 
 
-def _commit(response: str, options: Sequence[str], letters: Sequence[str] = ()) -> tuple[str | None, str]:
-    """(the option committed to or None, reason: empty, degenerate, committed, no-commitment).
-    `letters`: the options' letters when the question labels them "(A) ... (B) ..."."""
+def _response_answer(
+    response: str, options: Sequence[str], letters: Sequence[str] = ()
+) -> tuple[frozenset[int] | None, str]:
+    """(the indices of the options `response` gives as its answer, or None for an empty or
+    degenerate response; how: empty, degenerate, exact, letter, read)."""
     if not response.strip():
         return None, "empty"
     if is_degenerate(response):
         return None, "degenerate"
     text = normalize(response)
-    for option in options:
+    for i, option in enumerate(options):
         if normalize(option) == text:
-            return option, "committed"
+            return frozenset({i}), "exact"
     if letters:
         index = _letter(response, letters)
         if index is not None:
-            return options[index], "committed"
-    chosen = _choose(_tokens(response), _patterns(options))
-    if chosen is None:
+            return frozenset({index}), "letter"
+    return _answer(_tokens(response), _patterns(options)), "read"
+
+
+def _commit(response: str, options: Sequence[str], letters: Sequence[str] = ()) -> tuple[str | None, str]:
+    """(the one option the response commits to or None, reason: empty, degenerate, committed,
+    no-commitment). Several options (a hedge) commit to none."""
+    answer, how = _response_answer(response, options, letters)
+    if answer is None:
+        return None, how
+    if len(answer) != 1:
         return None, "no-commitment"
-    return options[chosen], "committed"
+    return options[next(iter(answer))], "committed"
 
 
 def commit(response: str, options: Sequence[str]) -> str | None:
     """The option (exactly as written in `options`) that `response` commits to, or None."""
     return _commit(response, options)[0]
+
+
+# Two long responses that name no option say the same thing when most of their words, in order,
+# are the same: a sentence reworded after the edit, an explanation cut at another token. In a
+# short response every word is the claim ("/d/" or "/ae/"): it must be the same text.
+SAME_CONTENT = 0.6
+LONG_RESPONSE = 20  # words
+_WORD = re.compile(r"\w+")
+
+
+def same_content(a: str, b: str) -> bool:
+    """Whether two responses say essentially the same thing: the same words, or, both of at
+    least LONG_RESPONSE words, a word-sequence similarity (the share of their words in a common
+    order, difflib) of at least SAME_CONTENT."""
+    x, y = _WORD.findall(a.casefold()), _WORD.findall(b.casefold())
+    if x == y:
+        return True
+    if min(len(x), len(y)) < LONG_RESPONSE:
+        return False
+    return difflib.SequenceMatcher(None, x, y, autojunk=False).ratio() >= SAME_CONTENT
 
 
 def _letters(question: str, options: Sequence[str]) -> tuple[str, ...]:
@@ -403,7 +528,7 @@ def _letters(question: str, options: Sequence[str]) -> tuple[str, ...]:
 
 
 # Bumped whenever a rule changes a verdict: runs judged under other rules are other runs.
-RULES_VERSION = 2
+RULES_VERSION = 3
 
 
 class RuleJudge:
@@ -419,6 +544,9 @@ class RuleJudge:
         `vocal_fry` or a letter maps onto its option; a truth that names none counts as one)."""
         out = []
         for case in cases:
+            if case.response.strip() and normalize(case.response) == normalize(case.truth):
+                out.append(Judgment(True, "committed", committed=case.truth))  # the paper's rule
+                continue
             options = tuple(case.options)
             letters = _letters(case.question, options)
             truth = resolve_answer(case.truth, options, case.question)
@@ -429,23 +557,32 @@ class RuleJudge:
         return out
 
     def consistency(self, cases: Sequence[ConsistencyCase]) -> list[Judgment]:
-        """Consistent when both responses commit to the same option, or neither commits and the
-        texts are equal after normalisation; an empty or degenerate `after` never is."""
+        """Consistent when both responses give the same answer: the same option (or set of
+        options), or, when neither names one, the same text. The paper's rules come first: an
+        empty `after` is inconsistent, an `after` equal to `before` consistent."""
         out = []
         for case in cases:
+            if not case.after.strip():
+                out.append(Judgment(False, "empty"))
+                continue
+            if normalize(case.after) == normalize(case.before):
+                after, _ = _commit(case.after, case.options, _letters(case.question, case.options))
+                out.append(Judgment(True, "same-text", committed=after))
+                continue
             letters = _letters(case.question, case.options)
-            before, _ = _commit(case.before, case.options, letters)
-            after, how = _commit(case.after, case.options, letters)
-            if how in ("empty", "degenerate"):
+            before, _ = _response_answer(case.before, case.options, letters)
+            after, how = _response_answer(case.after, case.options, letters)
+            single = case.options[next(iter(after))] if after and len(after) == 1 else None
+            if after is None:
                 verdict, reason = False, how
-            elif before is not None and after is not None:
+            elif before and after:
                 verdict = before == after
                 reason = "same-option" if verdict else "different-option"
-            elif before is None and after is None:
-                verdict = normalize(case.before) == normalize(case.after)
+            elif not before and not after:
+                verdict = same_content(case.before, case.after)
                 reason = "same-text" if verdict else "different-text"
             else:
                 verdict = False
-                reason = "commitment-lost" if after is None else "commitment-gained"
-            out.append(Judgment(verdict=verdict, reason=reason, committed=after))
+                reason = "commitment-lost" if not after else "commitment-gained"
+            out.append(Judgment(verdict=verdict, reason=reason, committed=single))
         return out
