@@ -74,6 +74,7 @@ def option_report(items: Iterable[EditInstance]) -> list[str]:
             row[0] += 1
             row[1] += bool(q.options)
             row[2] += q.truth is not None
+
     def short(track: str, width: int = 48) -> str:
         track = track.removeprefix("DynamicSuperb/")
         return track if len(track) <= width else track[: width - 3] + "..."

@@ -58,7 +58,7 @@ def lalm_info(lalm: LALM, fingerprint: str | None = None) -> dict[str, Any]:
     return {
         "name": lalm.name,
         "family": type(lalm).__name__,
-        "path": str(getattr(lalm.model.config, "_name_or_path", "")),
+        "path": lalm.source,
         "fingerprint": fingerprint or lalm.fingerprint(),
     }
 

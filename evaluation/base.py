@@ -132,8 +132,12 @@ def run(
     out = Path(out_dir)
     metrics = {
         "base": {k: {"accuracy": round(100 * v["accuracy"], 4), "n": v["n"]} for k, v in accuracy.items()},
-        "run": {"editor": "none", "model": f"{lalm.name} ({lalm.fingerprint()})", "judge": judge.name,
-                "data": f"{datamodule.name} {split} ({len(items)} instances)"},  # fmt: skip
+        "run": {
+            "editor": "none",
+            "model": f"{lalm.name} ({lalm.fingerprint()})",
+            "judge": judge.name,
+            "data": f"{datamodule.name} {split} ({len(items)} instances)",
+        },  # fmt: skip
     }
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     text = report(accuracy, f"Unedited {lalm.name} on {datamodule.name} {split} ({len(items)} instances)")

@@ -5,11 +5,16 @@ from lalms.base import LALM, answer_nll
 from lalms.desta import DeSTA25
 from lalms.edit_sites import EditSites
 from lalms.loading import ModelNotAvailableError
+from lalms.processor_based import ProcessorLALM
 from lalms.prompt import Prompt, Turn
 from lalms.qwen2_audio import Qwen2Audio
 
 # Families by the name the tiny builder's CLI takes.
-FAMILIES: dict[str, type[LALM]] = {"qwen2_audio": Qwen2Audio, "audio_flamingo3": AudioFlamingo3}
+FAMILIES: dict[str, type[LALM]] = {
+    "qwen2_audio": Qwen2Audio,
+    "audio_flamingo3": AudioFlamingo3,
+    "desta": DeSTA25,
+}
 
 __all__ = [
     "LALM",
@@ -18,6 +23,7 @@ __all__ = [
     "EditSites",
     "FAMILIES",
     "ModelNotAvailableError",
+    "ProcessorLALM",
     "Prompt",
     "Qwen2Audio",
     "Turn",

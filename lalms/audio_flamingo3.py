@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
 
-from lalms.base import LALM
+from lalms.processor_based import ProcessorLALM
 from lalms.tiny import TinySizes
 
 # ChatML with one <sound> placeholder leading the text of a user turn that carries audio.
@@ -26,7 +26,7 @@ AF3_TEMPLATE = (
 )
 
 
-class AudioFlamingo3(LALM):
+class AudioFlamingo3(ProcessorLALM):
     model_class = AudioFlamingo3ForConditionalGeneration
     processor_class = AudioFlamingo3Processor
     config_class = AudioFlamingo3Config

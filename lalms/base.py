@@ -1,13 +1,17 @@
-"""The one LALM adapter interface, implemented once for processor-based transformers models.
+"""The LALM interface every editor, trainer and sweep relies on, and what all families share.
 
-A family file (qwen2_audio.py, audio_flamingo3.py, ...) subclasses `LALM` and fills in its
-model and processor classes, its chat template and its tiny configuration; everything else
-(prompt rendering, batching with answer-only labels, greedy generation, teacher-forced loss,
-edit sites) is shared here.
+`LALM` is the contract: load a model (`load`, `tiny`, `save`), render and batch prompts
+(`render`, `encode`), answer them (`generate`), score answers (`loss`, `logits`, `forward`), name
+its edit sites (`edit_sites`) and identify it (`fingerprint`). A family implements the abstract
+methods with its own internals: `ProcessorLALM` (lalms/processor_based.py) for the models a
+transformers processor feeds (Qwen2-Audio, Audio Flamingo 3), `DeSTA25` (lalms/desta.py) for the
+Whisper + Q-Former + Llama assembly. Everything that follows from the contract (losses on answer
+tokens, greedy generation, device placement, the fingerprint) is implemented once, here.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -17,11 +21,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, ProcessorMixin
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lalms.audio import check_audio
 from lalms.edit_sites import EditSites
-from lalms.loading import load_pretrained, resolve_device, resolve_dtype
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -29,27 +33,27 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-class LALM:
+class LALM(abc.ABC):
     """A large audio-language model behind the project's one interface.
 
-    Holds a transformers model and its processor. All public methods take batches of
-    `Prompt`s; audio is checked (mono, finite, float) and resampled to `sampling_rate`.
+    `model` is the torch module editors read and edit (its parameters, submodules and forward);
+    `tokenizer` the LLM's. All public methods take batches of `Prompt`s; audio is checked (mono,
+    finite, float) and resampled to `sampling_rate`. An encoded batch holds `input_ids` (left
+    padded), `attention_mask`, the audio inputs and, given answers, `labels`; the positions of
+    audio in `input_ids` hold `audio_token_id`.
     """
 
-    model_class: ClassVar[type[PreTrainedModel]]
-    processor_class: ClassVar[type[ProcessorMixin]]
-    config_class: ClassVar[type[PretrainedConfig]]
-    audio_token: ClassVar[str]
-    chat_template: ClassVar[str]
-    answer_suffix: ClassVar[str] = "<|im_end|>"  # closes the assistant turn in the chat template
-    special_tokens: ClassVar[tuple[str, ...]] = ()  # added to the tiny tokenizer
+    audio_token: ClassVar[str]  # marks one clip in rendered prompt text
+    answer_suffix: ClassVar[str]  # closes the assistant turn; labelled after every answer
+    special_tokens: ClassVar[tuple[str, ...]] = ()  # what a tiny tokenizer of the family needs
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        processor: ProcessorMixin,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
         *,
-        chat_template: str | None = None,
+        template: str,
+        audio_token_id: int,
         system_prompt: str | None = None,
         edit_sites: Mapping[str, str] | None = None,
         edit_layers: Sequence[int] = (-3, -2, -1),
@@ -57,101 +61,79 @@ class LALM:
         max_new_tokens: int = 32,
     ) -> None:
         self.model = model.eval()
+        self.tokenizer = tokenizer
         self.name = name or type(self).__name__.lower()  # short name for output folders
         self.edit_layers = tuple(edit_layers)  # LLM layers the hypernetwork editors edit
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.template = chat_template or type(self).chat_template
+        self.template = template  # the chat template prompts are rendered with
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
-        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
-        if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no audio token {self.audio_token!r}")
-        if self.tokenizer.pad_token_id is None:
+        if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token")
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.answer_suffix_ids = self.tokenizer(self.answer_suffix, add_special_tokens=False).input_ids
+        self.pad_token_id = tokenizer.pad_token_id
+        self.audio_token_id = audio_token_id
+        self.answer_suffix_ids = tokenizer(self.answer_suffix, add_special_tokens=False).input_ids
         self.edit_sites = EditSites.probe(model, edit_sites)
 
-    # ----------------------------------------------------------------- loading
+    # ----------------------------------------------------------------- what a family implements
     @classmethod
-    def load(
-        cls,
-        path: str,
-        *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        random_init: bool = False,
-        arch: Mapping[str, Any] | None = None,
-        processor_path: str | None = None,
-        **adapter_kwargs: Any,
-    ) -> LALM:
-        """Load weights and processor from a local directory or Hub id.
+    @abc.abstractmethod
+    def load(cls, path: str, **kwargs: Any) -> LALM:
+        """The model at `path` (a local folder or a Hub id, with `model.*` settings as kwargs)."""
 
-        With `random_init=True` the architecture is built without weights, from the config at
-        `path` when reachable, else from `arch` (the published config kept in the model's yaml).
-        """
-        model, processor = load_pretrained(
-            cls,
-            path,
-            dtype=resolve_dtype(dtype),
-            device=resolve_device(device),
-            random_init=random_init,
-            arch=arch,
-            processor_path=processor_path,
-        )
-        return cls(model, processor, **adapter_kwargs)
+    @classmethod
+    @abc.abstractmethod
+    def tiny(cls, tokenizer: PreTrainedTokenizerBase, sizes: Any) -> LALM:
+        """A randomly initialised tiny model of the family (lalms/tiny.py), on `tokenizer`."""
 
+    @abc.abstractmethod
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        self.model.save_pretrained(out)
-        self.processor.save_pretrained(out)
-        return out
+        """Write the model so that `load(out_dir)` reads it back identically."""
 
-    # ----------------------------------------------------------------- properties
+    @property
+    @abc.abstractmethod
+    def sampling_rate(self) -> int:
+        """The audio rate the model's features are computed at."""
+
+    @abc.abstractmethod
+    def render(self, prompt: Prompt) -> str:
+        """The prompt text up to the start of the assistant's answer, one `audio_token` per clip."""
+
+    @abc.abstractmethod
+    def encode(
+        self, prompts: Sequence[Prompt], answers: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise a batch (left-padded), with audio inputs and, given answers, labels.
+
+        Labels are IGNORE_INDEX everywhere except the answer tokens and the turn-closing suffix,
+        so a loss on them measures only the answer.
+        """
+
+    # ----------------------------------------------------------------- shared
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @property
-    def sampling_rate(self) -> int:
-        return int(self.processor.feature_extractor.sampling_rate)
+    def source(self) -> str:
+        """Where the weights came from (a folder or Hub id), for exported editors' records."""
+        return str(getattr(getattr(self.model, "config", None), "_name_or_path", ""))
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the weights that changes what the model is given or answers."""
+        return {"family": type(self).__name__, "template": self.template, "system": self.system_prompt}
 
     def fingerprint(self) -> str:
-        """A digest of every weight and buffer and of how prompts are rendered: caches of the
-        unedited model's answers are keyed by it, so a model with one changed value never
-        shares another's. Hashed where the tensors live (benchmarks/fingerprint.py)."""
-        h = hashlib.sha256()
-        h.update(f"{type(self).__name__}|{self.template}|{self.system_prompt}".encode())
+        """A digest of every weight and buffer and of `settings()`: caches of the unedited
+        model's answers are keyed by it, so a model with one changed value never shares
+        another's. Hashed where the tensors live (benchmarks/fingerprint.py)."""
+        h = hashlib.sha256(repr(sorted(self.settings().items())).encode())
         for name, p in self.model.state_dict().items():
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
             h.update(tensor_digest(p))
         return h.hexdigest()[:16]
 
-    # ----------------------------------------------------------------- prompts
-    def messages(self, prompt: Prompt) -> list[dict]:
-        """The prompt as chat messages in the transformers format (audio items carry no data)."""
-        system = prompt.system if prompt.system is not None else self.system_prompt
-        msgs: list[dict] = []
-        if system is not None:
-            msgs.append({"role": "system", "content": [{"type": "text", "text": system}]})
-        for i, turn in enumerate(prompt.turns):
-            content: list[dict] = [{"type": "audio"}] if turn.audio is not None else []
-            content.append({"type": "text", "text": turn.question})
-            msgs.append({"role": "user", "content": content})
-            if i < len(prompt.history):
-                if turn.answer is None:
-                    raise ValueError(f"prior turn {i} ({turn.question[:40]!r}) has no answer")
-                msgs.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
-        return msgs
-
-    def render(self, prompt: Prompt) -> str:
-        """The prompt text up to the start of the assistant's answer, one audio token per clip."""
-        return self.tokenizer.apply_chat_template(
-            self.messages(prompt), chat_template=self.template, tokenize=False, add_generation_prompt=True
-        )
-
-    def _audios(self, prompts: Sequence[Prompt]) -> list[np.ndarray]:
+    def audios(self, prompts: Sequence[Prompt]) -> list[np.ndarray]:
+        """Every clip of a batch in order of appearance, checked and at `sampling_rate`."""
         audios = []
         for p, prompt in enumerate(prompts):
             for t, turn in enumerate(prompt.turns):
@@ -160,72 +142,25 @@ class LALM:
                     audios.append(check_audio(turn.audio, turn.sampling_rate, self.sampling_rate, where))
         return audios
 
-    # ----------------------------------------------------------------- batching
-    def encode(
-        self, prompts: Sequence[Prompt], answers: Sequence[str] | None = None
+    def answer_ids(self, answer: str) -> list[int]:
+        """The labelled tokens of an answer: its tokens, then the turn-closing suffix."""
+        return self.tokenizer(answer, add_special_tokens=False).input_ids + self.answer_suffix_ids
+
+    def pad(
+        self, rows: Sequence[list[int]], label_rows: Sequence[list[int]] | None
     ) -> dict[str, torch.Tensor]:
-        """Tokenise a batch (left-padded), with audio features and, given answers, labels.
-
-        Labels are IGNORE_INDEX everywhere except the answer tokens and the turn-closing suffix,
-        so a loss on them measures only the answer.
-        """
-        if answers is not None and len(answers) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        if not prompts:
-            raise ValueError("empty batch")
-        audios = self._audios(prompts)
-        features: dict[str, torch.Tensor] = {}
-        runs: list[int] = []  # audio tokens per clip, in order of appearance
-        if audios:
-            # One placeholder text per clip keeps every processor's 1:1 text/audio rule and gives
-            # the per-clip expansion length; feature tensors keep the clips' order.
-            out = self.processor(
-                text=[self.audio_token] * len(audios),
-                audio=audios,
-                sampling_rate=self.sampling_rate,
-                return_tensors="pt",
-                text_kwargs={"padding": True},  # audio keeps each processor's own padding
-            )
-            text_keys = set(self.tokenizer.model_input_names)
-            features = {k: v for k, v in out.items() if k not in text_keys and isinstance(v, torch.Tensor)}
-            runs = (out["input_ids"] == self.audio_token_id).sum(dim=1).tolist()
-
-        rows, label_rows, clip = [], [], 0
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(self.render(prompt), add_special_tokens=False).input_ids
-            n_clips = sum(t.audio is not None for t in prompt.turns)
-            if ids.count(self.audio_token_id) != n_clips:
-                raise ValueError(
-                    f"prompt {i}: {ids.count(self.audio_token_id)} audio placeholders {self.audio_token!r} "
-                    f"for {n_clips} clips (does the question text contain the audio token?)"
-                )
-            expanded: list[int] = []
-            for tok in ids:
-                if tok == self.audio_token_id:
-                    expanded.extend([tok] * runs[clip])
-                    clip += 1
-                else:
-                    expanded.append(tok)
-            labels = [IGNORE_INDEX] * len(expanded)
-            if answers is not None:
-                answer_ids = (
-                    self.tokenizer(answers[i], add_special_tokens=False).input_ids + self.answer_suffix_ids
-                )
-                expanded += answer_ids
-                labels += answer_ids
-            rows.append(expanded)
-            label_rows.append(labels)
-
+        """input_ids, attention_mask (and labels) of token rows, padded on the left."""
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
+        for i, r in enumerate(rows):
             input_ids[i, width - len(r) :] = torch.tensor(r)
             attention_mask[i, width - len(r) :] = 1
-            labels[i, width - len(r) :] = torch.tensor(lab)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **features}
-        if answers is not None:
+            if label_rows is not None:
+                labels[i, width - len(r) :] = torch.tensor(label_rows[i])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if label_rows is not None:
             batch["labels"] = labels
         return batch
 
@@ -235,7 +170,6 @@ class LALM:
             k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()
         }
 
-    # ----------------------------------------------------------------- model calls
     def forward(self, batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None):
         """Run the model on an encoded batch (labels are not passed: losses are computed here).
 

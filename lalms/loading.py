@@ -14,7 +14,7 @@ from transformers import WhisperFeatureExtractor
 from lalms.tokenizer import default_corpus, train_tokenizer
 
 if TYPE_CHECKING:
-    from lalms.base import LALM
+    from lalms.processor_based import ProcessorLALM
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _not_available(what: str, path: str, err: Exception) -> ModelNotAvailableError:
+def not_available(
+    what: str, path: str, err: Exception, setting: str = "model.path"
+) -> ModelNotAvailableError:
+    """The error for a part of a model that is neither a local folder nor in the Hub cache;
+    `setting` is the config key that points at it."""
     local = Path(path)
     if local.is_dir():
         where = f"the local directory {local.resolve()} holds no usable {what}"
@@ -53,14 +57,14 @@ def _not_available(what: str, path: str, err: Exception) -> ModelNotAvailableErr
             "copy (the Hub is unreachable or HF_HUB_OFFLINE=1)"
         )
     return ModelNotAvailableError(
-        f"could not load the {what} from model.path={path!r}: {where}. On a machine with network run "
-        f"`hf download {path} --local-dir DIR`, copy DIR here and set model.path=DIR "
+        f"could not load the {what} from {setting}={path!r}: {where}. On a machine with network run "
+        f"`hf download {path} --local-dir DIR`, copy DIR here and set {setting}=DIR "
         f"(or model.random_init=true for an architecture-only model). Cause: {type(err).__name__}: {err}"
     )
 
 
-def build_processor(cls: type[LALM], tokenizer, *, n_mels: int, max_source_positions: int):
-    """A processor for `cls` with a Whisper feature extractor sized for the encoder.
+def whisper_features(n_mels: int, max_source_positions: int) -> WhisperFeatureExtractor:
+    """A Whisper feature extractor sized for an encoder.
 
     Whisper-style encoders need exactly 2 * max_source_positions mel frames per window, so the
     chunk length follows from the encoder's positions.
@@ -70,7 +74,7 @@ def build_processor(cls: type[LALM], tokenizer, *, n_mels: int, max_source_posit
         raise ValueError(
             f"max_source_positions={max_source_positions} gives a fractional chunk of {chunk_seconds} s"
         )
-    fe = WhisperFeatureExtractor(
+    return WhisperFeatureExtractor(
         feature_size=n_mels,
         sampling_rate=SAMPLING_RATE,
         hop_length=HOP_LENGTH,
@@ -78,20 +82,25 @@ def build_processor(cls: type[LALM], tokenizer, *, n_mels: int, max_source_posit
         n_fft=400,
         return_attention_mask=True,
     )
+
+
+def build_processor(cls: type[ProcessorLALM], tokenizer, *, n_mels: int, max_source_positions: int):
+    """A processor for `cls` with a Whisper feature extractor sized for the encoder."""
+    fe = whisper_features(n_mels, max_source_positions)
     return cls.processor_class(feature_extractor=fe, tokenizer=tokenizer, chat_template=cls.chat_template)
 
 
-def _architecture(cls: type[LALM], path: str, arch: Mapping[str, Any] | None):
+def _architecture(cls: type[ProcessorLALM], path: str, arch: Mapping[str, Any] | None):
     try:
         return cls.config_class.from_pretrained(path)
     except OSError as err:
         if arch is None:
-            raise _not_available("config", path, err) from err
+            raise not_available("config", path, err) from err
         log.info("config of %s not reachable; building from the published config in model.arch", path)
-        return cls.config_class(**_plain(arch))
+        return cls.config_class(**plain(arch))
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """OmegaConf containers to plain dicts/lists (transformers configs expect builtins)."""
     if isinstance(obj, DictConfig | ListConfig):
         return OmegaConf.to_container(obj, resolve=True)
@@ -99,7 +108,7 @@ def _plain(obj: Any) -> Any:
 
 
 def load_pretrained(
-    cls: type[LALM],
+    cls: type[ProcessorLALM],
     path: str,
     *,
     dtype: torch.dtype,
@@ -108,7 +117,7 @@ def load_pretrained(
     arch: Mapping[str, Any] | None,
     processor_path: str | None,
 ):
-    """(model, processor) for `cls` at `path`; see `LALM.load`."""
+    """(model, processor) for `cls` at `path`; see `ProcessorLALM.load`."""
     processor_path = processor_path or path
     if random_init:
         config = _architecture(cls, path, arch)
@@ -135,9 +144,9 @@ def load_pretrained(
     try:
         model = cls.model_class.from_pretrained(path, dtype=dtype)
     except OSError as err:
-        raise _not_available("weights", path, err) from err
+        raise not_available("weights", path, err) from err
     try:
         processor = cls.processor_class.from_pretrained(processor_path)
     except OSError as err:
-        raise _not_available("processor", processor_path, err) from err
+        raise not_available("processor", processor_path, err) from err
     return model.to(device), processor

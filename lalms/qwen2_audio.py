@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
-from lalms.base import LALM
+from lalms.processor_based import ProcessorLALM
 from lalms.tiny import TinySizes
 
 # ChatML as Qwen2-Audio-Instruct was trained on it: each clip is announced as "Audio N:" and wrapped
@@ -28,7 +28,7 @@ QWEN2_AUDIO_TEMPLATE = (
 )
 
 
-class Qwen2Audio(LALM):
+class Qwen2Audio(ProcessorLALM):
     model_class = Qwen2AudioForConditionalGeneration
     processor_class = Qwen2AudioProcessor
     config_class = Qwen2AudioConfig

@@ -1,9 +1,11 @@
 """Tiny offline LALMs: ~1-2M parameter models of a real family, with an offline tokenizer.
 
     python -m lalms.tiny --family qwen2_audio --out checkpoints/my-tiny [--seed 0]
+    python -m lalms.tiny --family desta --out checkpoints/my-tiny-desta
 
-The result is an ordinary model directory (config, safetensors, tokenizer, processor) that
-`LALM.load` and `from_pretrained` read like any other. Its weights are random until trained.
+The result is a model folder in the family's published layout (a transformers model directory for
+Qwen2-Audio and AF3; the release layout for DeSTA2.5) that the family's `load` reads like any
+other. Its weights are random until trained.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import GenerationConfig
 
-from lalms.loading import build_processor
 from lalms.tokenizer import default_corpus, train_tokenizer
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ class TinySizes:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 384
+    connector_prompts: int = 16  # DeSTA2.5: Q-Former prompt vectors per clip (64 in the release)
+    asr_layers: int = 1  # DeSTA2.5: Whisper decoder layers (its transcription step)
 
     def text_config(self, tokenizer) -> dict[str, Any]:
         """A Qwen2 decoder config (the LLM of both Qwen2-Audio and Audio Flamingo 3)."""
@@ -69,23 +71,16 @@ def build_tiny(
 ) -> LALM:
     """Build a randomly initialised tiny model of `family`; save it to `out_dir` if given."""
     tokenizer = train_tokenizer(
-        corpus if corpus is not None else default_corpus(), family.special_tokens, vocab_size
-    )
-    processor = build_processor(
-        family, tokenizer, n_mels=sizes.n_mels, max_source_positions=sizes.max_source_positions
+        corpus if corpus is not None else default_corpus(),
+        family.special_tokens,
+        vocab_size,
+        eos_token=family.answer_suffix,
     )
     torch.manual_seed(seed)
-    model = family.model_class(family.tiny_config(tokenizer, sizes))
-    model.generation_config = GenerationConfig(
-        do_sample=False,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=32,
-    )
-    lalm = family(model, processor)
+    lalm = family.tiny(tokenizer, sizes)
     if out_dir is not None:
         lalm.save(out_dir)
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for p in lalm.model.parameters())
         log.info("saved tiny %s (%.2fM parameters) to %s", family.__name__, n / 1e6, out_dir)
     return lalm
 

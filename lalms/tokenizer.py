@@ -19,7 +19,10 @@ def default_corpus() -> list[str]:
 
 
 def train_tokenizer(
-    texts: Iterable[str], special_tokens: Sequence[str] = (), vocab_size: int = 1024
+    texts: Iterable[str],
+    special_tokens: Sequence[str] = (),
+    vocab_size: int = 1024,
+    eos_token: str = "<|im_end|>",
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE with the chat and `special_tokens` tokens. Deterministic for fixed input.
 
@@ -39,7 +42,7 @@ def train_tokenizer(
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         pad_token=PAD_TOKEN,
-        eos_token="<|im_end|>",
+        eos_token=eos_token,
         extra_special_tokens=specials[1:],
         model_input_names=["input_ids", "attention_mask"],
         padding_side="left",

@@ -80,7 +80,7 @@ class ExportEditor(L.Callback):
         self.recipe = plain(recipe) if recipe is not None else None
 
     def status(self) -> str:
-        """"missing", "same" (an export of this recipe is there) or "other" (see `check`)."""
+        """ "missing", "same" (an export of this recipe is there) or "other" (see `check`)."""
         info = self.out_dir / "editor.yaml"
         if not info.is_file():
             return "missing"
@@ -95,7 +95,8 @@ class ExportEditor(L.Callback):
         diff = differences(there, self.recipe)
         raise ExportConflict(
             f"{self.out_dir} holds an editor trained by another recipe (recipe {digest(there, 8)} there, "
-            f"{digest(self.recipe, 8)} now); what differs:\n  " + "\n  ".join(diff)
+            f"{digest(self.recipe, 8)} now); what differs:\n  "
+            + "\n  ".join(diff)
             + f"\nExport this one elsewhere (editor.callbacks.export.out_dir=...), or remove {self.out_dir}."
         )
 

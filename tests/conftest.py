@@ -7,10 +7,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lalms import AudioFlamingo3, Qwen2Audio  # noqa: E402
+from lalms import FAMILIES, Qwen2Audio  # noqa: E402
 from lalms.tiny import build_tiny  # noqa: E402
-
-FAMILIES = {"qwen2_audio": Qwen2Audio, "audio_flamingo3": AudioFlamingo3}
 
 
 @pytest.fixture(scope="session")

@@ -37,9 +37,7 @@ from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
 # diacritics, "l̪" is not "l"; with inner apostrophes: "it's", "isn't"), the punctuation that
 # structures a sentence, and line breaks (a bullet list's items are sentences of their own).
 _MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # combining diacritics
-_TOKEN = re.compile(
-    rf"\d+(?:[.,]\d+)*[^\W\d_]*|[^\W_](?:[^\W_]|[{_MARKS}])*(?:'[^\W_]+)*|[.!?;:,/]|\n"
-)
+_TOKEN = re.compile(rf"\d+(?:[.,]\d+)*[^\W\d_]*|[^\W_](?:[^\W_]|[{_MARKS}])*(?:'[^\W_]+)*|[.!?;:,/]|\n")
 _CLAUSE_END = frozenset(".!?;:\n")
 _SENTENCE_END = frozenset(".!?;\n")
 _ANSWER_ADJECTIVES = frozenset({"correct", "right", "best", "final", "most", "likely", "appropriate", "only"})
