@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import processors
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -59,6 +60,9 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CONNECTOR = "perception.connector."
 NO_SPEECH = " "  # the transcript of a clip without speech, as upstream
+# Upstream loads Whisper and builds the connector in float32 and only the LLM in bfloat16; the
+# connector's vectors are cast to the LLM's dtype where they enter its input.
+PERCEPTION_DTYPE = torch.float32
 VADS = ("silero", "none")
 
 # The Llama-3.1 chat format, used when the LLM's tokenizer ships no template (the tiny model's
@@ -235,11 +239,16 @@ class DeSTA25Model(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.llm_model.get_output_embeddings()
 
+    @property
+    def perception_dtype(self) -> torch.dtype:
+        return self.perception.connector.layer_weights.dtype
+
     def embed(self, input_ids: torch.Tensor, input_features: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.get_input_embeddings()(input_ids)
         if input_features is None:
             return embeds
-        audio = self.perception(input_features).to(embeds.dtype)  # (clips, prompt_size, hidden)
+        features = input_features.to(self.perception_dtype)
+        audio = self.perception(features).to(embeds.dtype)  # (clips, prompt_size, hidden)
         where = input_ids == self.placeholder_id
         if int(where.sum()) != audio.shape[0] * audio.shape[1]:
             raise ValueError(
@@ -447,9 +456,9 @@ class DeSTA25(LALM):
         except OSError as err:
             raise not_available("LLM", llm_src, err, "model.llm_path") from err
         try:
-            whisper = WhisperForConditionalGeneration.from_pretrained(enc_src, dtype=torch_dtype)
+            whisper = WhisperForConditionalGeneration.from_pretrained(enc_src, dtype=PERCEPTION_DTYPE)
             feature_extractor = WhisperFeatureExtractor.from_pretrained(enc_src)
-            asr_tokenizer = AutoTokenizer.from_pretrained(enc_src)
+            asr_tokenizer = _decoding_as_configured(AutoTokenizer.from_pretrained(enc_src))
         except OSError as err:
             raise not_available("Whisper model", enc_src, err, "model.encoder_path") from err
         model = cls.assemble(config, whisper, llm, _prepared(tokenizer, config))
@@ -483,17 +492,16 @@ class DeSTA25(LALM):
             feature_extractor = whisper_features(enc_config.num_mel_bins, enc_config.max_source_positions)
         with device:
             llm = AutoModelForCausalLM.from_config(llm_config, dtype=dtype)
-            whisper = WhisperForConditionalGeneration._from_config(enc_config, dtype=dtype)
+            whisper = WhisperForConditionalGeneration._from_config(enc_config, dtype=PERCEPTION_DTYPE)
             model = cls.assemble(config, whisper, llm, _prepared(tokenizer, config))
-        model.to(dtype)
         return cls(model, tokenizer, feature_extractor, asr_tokenizer, config, source=path, **settings)
 
     @classmethod
     def assemble(cls, config: DeSTAConfig, whisper, llm, tokenizer) -> DeSTA25Model:
         """The model from its parts; the connector is randomly initialised (as upstream, before
-        the release's weights are loaded into it)."""
+        the release's weights are loaded into it) in Whisper's dtype."""
         connector = QformerConnector(config, whisper.config, llm.config.hidden_size)
-        connector.to(next(llm.parameters()).dtype)
+        connector.to(next(whisper.parameters()).dtype)
         placeholder = _token_id(tokenizer, config.placeholder_token, "placeholder_token")
         return DeSTA25Model(WhisperPerception(whisper, connector), llm, placeholder)
 
@@ -581,6 +589,14 @@ class DeSTA25(LALM):
     def sampling_rate(self) -> int:
         return int(self.feature_extractor.sampling_rate)
 
+    def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """As every family's, except that the audio features keep the perception's float32."""
+        features = batch.get("input_features")
+        out = super().to_device({k: v for k, v in batch.items() if k != "input_features"})
+        if features is not None:
+            out["input_features"] = features.to(self.device, self.model.perception_dtype)
+        return out
+
     @property
     def source(self) -> str:
         return self._source
@@ -627,10 +643,12 @@ class DeSTA25(LALM):
         wrapped = f"<start_audio>{self.audio_token}<end_audio>"  # the release's training format
         rows, label_rows, clip = [], [], 0
         for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(
-                self.render(prompt).replace(self.audio_token, wrapped), add_special_tokens=False
-            ).input_ids
             n_clips = sum(t.audio is not None for t in prompt.turns)
+            # Upstream tokenises a prompt without audio with the tokenizer's special tokens (a
+            # second <|begin_of_text|> before the template's) and one with audio without them.
+            ids = self.tokenizer(
+                self.render(prompt).replace(self.audio_token, wrapped), add_special_tokens=n_clips == 0
+            ).input_ids
             if ids.count(self.locator_id) != n_clips or self.audio_token_id in ids:
                 raise ValueError(
                     f"prompt {i}: {ids.count(self.locator_id)} audio placeholders {self.audio_token!r} "
@@ -715,13 +733,29 @@ def _config(source: str, arch: Mapping[str, Any] | None, key: str):
 
 
 def _tiny_tokenizer(tokenizer):
-    """The project's BPE as a Llama-3.1-style tokenizer (BOS, template) for stand-ins and tiny models."""
-    tokenizer.bos_token = "<|begin_of_text|>"
+    """The project's BPE as a Llama-3.1-style tokenizer for stand-ins and tiny models: its chat
+    template, and <|begin_of_text|> as BOS, which its special tokens prepend (as Llama's do)."""
+    bos = "<|begin_of_text|>"
+    tokenizer.bos_token = bos
     tokenizer.chat_template = LLAMA31_TEMPLATE
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))],
+    )
     return tokenizer
 
 
 LLAMA_PAD = "<|finetune_right_pad_id|>"  # Llama-3.1's reserved padding token
+
+
+def _decoding_as_configured(tokenizer):
+    """Decode as the tokenizer's config says, as the transformers 4 that DeSTA2.5 ran on did:
+    transformers 5 skips `clean_up_tokenization_spaces` for BPE tokenizers (Llama-3.1's and
+    Whisper's ask for it), which changes spaces before punctuation in answers and transcripts."""
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    return tokenizer
 
 
 def _prepared(tokenizer, config: DeSTAConfig):
@@ -733,6 +767,7 @@ def _prepared(tokenizer, config: DeSTAConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = LLAMA_PAD if LLAMA_PAD in tokenizer.get_vocab() else tokenizer.eos_token
     tokenizer.padding_side = "left"
+    _decoding_as_configured(tokenizer)
     if config.audio_locator not in tokenizer.get_vocab():
         tokenizer.add_tokens([config.audio_locator])
     return tokenizer

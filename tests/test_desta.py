@@ -254,16 +254,25 @@ def test_transcripts_are_cached_per_clip_and_redone_after_the_encoder_changes(de
 
 def test_random_init_builds_the_published_architecture():
     cfg = OmegaConf.load(CONFIGS / "model" / "desta.yaml")
-    lalm = DeSTA25.load(cfg.path, random_init=True, arch=cfg.arch, device="meta")  # shapes only
+    lalm = DeSTA25.load(cfg.path, random_init=True, arch=cfg.arch, device="meta", dtype="bfloat16")
     n = sum(p.numel() for p in lalm.model.parameters())
     llm = sum(p.numel() for p in lalm.model.llm_model.parameters())
     whisper = sum(p.numel() for p in lalm.model.perception.whisper.parameters())
     assert llm / 1e9 == pytest.approx(8.03, abs=0.01)  # Llama-3.1-8B
     assert whisper / 1e9 == pytest.approx(1.54, abs=0.01)  # Whisper-large-v3
-    assert n / 1e9 == pytest.approx(9.62, abs=0.01)
+    assert n / 1e9 == pytest.approx(9.71, abs=0.01)  # with the release recipe's 6-layer Q-Former
     assert lalm.edit_sites.num_llm_layers == 32 and lalm.edit_sites.num_audio_layers == 32
     assert lalm.model.perception.connector.target_layer_ids == (7, 15, 23, 31)
     assert lalm.feature_extractor.feature_size == 128 and lalm.feature_extractor.chunk_length == 30
+    # as upstream: the LLM in the chosen dtype, Whisper and the connector in float32
+    assert lalm.model.llm_model.dtype == torch.bfloat16 and lalm.model.perception_dtype == torch.float32
+
+
+def test_text_only_prompts_start_with_two_bos_as_upstream_tokenises_them(desta, clips):
+    bos = desta.tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    text = desta.encode([Prompt("Capital of France?")])["input_ids"][0].tolist()
+    audio = desta.encode([Prompt("Which animal?", audio=clips[0])])["input_ids"][0].tolist()
+    assert text[:2] == [bos, bos] and audio[0] == bos and audio[1] != bos
 
 
 # ------------------------------------------------------------------ every editor
