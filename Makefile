@@ -25,10 +25,19 @@ $(STAMP): pyproject.toml
 # The main job: meta-train MEND on the tiny LALM (short schedule; skipped when the export there
 # was made by this very recipe, refused when by another), then the single and sequential sweeps
 # on SAKE-mini's test split; prints the table and the report path.
+# Each stage's elapsed time is printed at the end (setup counts from when make started).
 QUICKSTART := checkpoints/mend-tiny-sake_mini-quickstart
+STARTED    := $(shell date +%s)
+TIMES      := outputs/make-run-times.tsv
+stage = @t=$$(date +%s) && $(2) && echo "$(1)	$$(( $$(date +%s) - t ))" >> $(TIMES)
 run: setup
-	$(BIN)/python train.py editor=mend experiment=quickstart skip_if_exported=true
-	$(BIN)/python evaluate.py ckpt=$(QUICKSTART)
+	@mkdir -p outputs && printf 'setup (venv, installs)\t%s\n' $$(( $$(date +%s) - $(STARTED) )) > $(TIMES)
+	$(call stage,SAKE-mini build,$(BIN)/python -m datamodules.mini.build data/sake_mini)
+	$(call stage,MEND training,$(BIN)/python train.py editor=mend experiment=quickstart skip_if_exported=true)
+	$(call stage,sweeps (single + sequential),$(BIN)/python evaluate.py ckpt=$(QUICKSTART))
+	@awk -F'\t' '{ printf "  %-30s %3dm%02ds\n", $$1, $$2 / 60, $$2 % 60; s += $$2 } \
+	  END { printf "  %-30s %3dm%02ds\n", "make run, in all", s / 60, s % 60 }' $(TIMES) \
+	  | sed '1i make run: elapsed time per stage'
 
 test: setup
 	$(BIN)/ruff check .

@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from lit_modules.hydra_utils import build_editor, log_config, register_resolvers  # noqa: E402
+from cli.config import build_editor, log_config, quiet_library_notices, register_resolvers  # noqa: E402
 
 
 def analyze(cfg: DictConfig):
     """Run the chosen analysis (`cfg.analysis.run`) on the model and data of `cfg`."""
-    log_config(cfg)
+    log_config()
     analysis = instantiate(cfg.analysis.run)
     data = instantiate(cfg.data)
     data.prepare_data()  # builds SAKE-mini on first use
@@ -33,7 +33,7 @@ def analyze(cfg: DictConfig):
     if cfg.ckpt or cfg.get("editor"):
         if "editor" not in inspect.signature(analysis.func).parameters:
             raise ValueError(f"analysis={cfg.analysis.name} reads the unedited model; drop ckpt= / editor=")
-        kwargs["editor"] = build_editor(cfg, lalm)[0]
+        kwargs["editor"] = build_editor(cfg, lalm, data.train_pool(lalm.sampling_rate))[0]
     return analysis(lalm=lalm, data=data, out_dir=Path(cfg.paths.output_dir), **kwargs)
 
 
@@ -50,6 +50,7 @@ def as_overrides(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    quiet_library_notices()
     register_resolvers()
     sys.argv = as_overrides(sys.argv)
     main()

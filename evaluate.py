@@ -21,14 +21,14 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+from cli.config import build_editor, log_config, quiet_library_notices, register_resolvers, require  # noqa: E402
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
-from evaluation import base, compare, report, rescore  # noqa: E402
+from evaluation import compare, report, rescore, unedited  # noqa: E402
 from evaluation.identity import run_identity  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
 from evaluation.sweep import Sweeper  # noqa: E402
-from lit_modules.hydra_utils import build_editor, log_config, register_resolvers, require  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def plan(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    log_config(cfg)
     log.info("plan: %s", plan(cfg))
+    log_config()
     if cfg.dry_run:
         return
     out_dir = Path(cfg.paths.output_dir)
@@ -74,9 +74,9 @@ def main(cfg: DictConfig) -> None:
     cache = ResponseCache(cfg.response_cache, fingerprint)
     if cfg.get("editor") and cfg.editor.get("base_only"):
         if fabric.global_rank == 0:  # one process: it is one batched pass over distinct queries
-            base.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens, cfg.split)
+            unedited.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens, cfg.split)
         return
-    editor, editor_identity, settings = build_editor(cfg, lalm)
+    editor, editor_identity, settings = build_editor(cfg, lalm, data.train_pool(lalm.sampling_rate))
     instances = data.eval_instances(cfg.split)
     sweeps = list(cfg.sweeps)
     if cfg.split != "test" and "sequential" in sweeps:
@@ -108,5 +108,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    quiet_library_notices()
     register_resolvers()
     main()

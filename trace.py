@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from analyze import analyze
-from lit_modules.hydra_utils import register_resolvers
+from cli.config import quiet_library_notices, register_resolvers
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="analyze")
@@ -16,6 +16,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    quiet_library_notices()
     register_resolvers()
     sys.argv.insert(1, "analysis=trace")
     main()

@@ -19,6 +19,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ import torch
 
 from analysis.samples import Sample, reliability_samples
 from analysis.tables import write_csv
+from common.progress import progress_bar
 from datamodules.schema import SAKE_LABELS, norm_label
-from evaluation.progress import progress_bar
 from evaluation.sweep import request
 from lalms.base import IGNORE_INDEX, LALM, hidden
+from lalms.hooks import hooked
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -54,15 +56,10 @@ class LogitLens:
     def probabilities(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """(samples, layers, vocab): the lens distribution at each layer's last position."""
         states: list[torch.Tensor] = []
-        hooks = [
-            layer.register_forward_hook(lambda m, a, out: states.append(hidden(out)[:, -1]))
-            for layer in self.layers
-        ]
-        try:
+        with ExitStack() as stack:
+            for layer in self.layers:
+                stack.enter_context(hooked(layer, lambda m, a, out: states.append(hidden(out)[:, -1])))
             self.lalm.logits(self.lalm.to_device(self.lalm.encode(list(prompts))))
-        finally:
-            for h in hooks:
-                h.remove()
         stacked = torch.stack(states, dim=1)  # (B, L, d), before the final norm
         return self.head(self.norm(stacked)).float().softmax(-1)
 

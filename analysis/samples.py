@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from datamodules.audio_io import AudioResolver
+from datamodules.examples import PromptMaker
 from datamodules.schema import EditInstance
 from lalms.prompt import Prompt
 
@@ -21,12 +22,10 @@ def reliability_samples(
     instances: list[EditInstance], audio_root, rate: int, per_attribute: int
 ) -> list[Sample]:
     """The first `per_attribute` instances of each attribute (in the given order), as samples."""
-    resolver, taken, out = AudioResolver(audio_root), defaultdict(int), []
+    prompt, taken, out = PromptMaker(AudioResolver(audio_root), rate), defaultdict(int), []
     for inst in instances:
         if taken[inst.attribute] >= per_attribute:
             continue
-        q = inst.reliability
-        audio = resolver.load(q.file, q.track, rate) if q.file else None
-        out.append(Sample(inst, Prompt(q.question, audio=audio), inst.original))
+        out.append(Sample(inst, prompt(inst.reliability), inst.original))
         taken[inst.attribute] += 1
     return out

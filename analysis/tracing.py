@@ -29,6 +29,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,9 @@ import torch
 
 from analysis.samples import reliability_samples
 from analysis.tables import write_csv
-from evaluation.progress import progress_bar
+from common.progress import progress_bar
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
+from lalms.hooks import hooked
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ COMPONENTS = ("residual", "mlp", "attn")
 
 
 @dataclass(frozen=True)
-class Site:
+class TracedSite:
     """A traced module: tower ('audio' or 'llm'), component, layer, module path."""
 
     tower: str
@@ -55,7 +57,7 @@ class Site:
     path: str
 
 
-def traced_sites(lalm: LALM) -> list[Site]:
+def traced_sites(lalm: LALM) -> list[TracedSite]:
     """The block, MLP and attention outputs of every audio-encoder and LLM layer."""
     sites = []
     es = lalm.edit_sites
@@ -67,7 +69,7 @@ def traced_sites(lalm: LALM) -> list[Site]:
             block = lalm.model.get_submodule(f"{base}.{i}")
             mlp = "mlp" if hasattr(block, "mlp") else "fc2"  # Whisper-style layers: fc1/fc2, no mlp module
             for component, sub in (("residual", ""), ("mlp", f".{mlp}"), ("attn", ".self_attn")):
-                sites.append(Site(tower, component, i, f"{base}.{i}{sub}"))
+                sites.append(TracedSite(tower, component, i, f"{base}.{i}{sub}"))
     return sites
 
 
@@ -122,7 +124,8 @@ class CausalTracer:
 
     # ------------------------------------------------------------------ runs
     def _corruption(self, noise: torch.Tensor | None, record: dict):
-        """A hook that adds `noise` to the audio representation (or, noise None, records it)."""
+        """A hook (in effect for a `with` block) that adds `noise` to the audio representation
+        (or, noise None, records it)."""
 
         def add(x: torch.Tensor) -> torch.Tensor:
             if noise is None:
@@ -132,7 +135,7 @@ class CausalTracer:
 
         if self.corrupt_at == "connector":
             module = self.lalm.model.get_submodule(self.lalm.edit_sites.connector)
-            return module.register_forward_hook(lambda m, a, out: with_hidden(out, add(hidden(out))))
+            return hooked(module, lambda m, a, out: with_hidden(out, add(hidden(out))))
         module = self.lalm.model.get_submodule(f"{self.lalm.edit_sites.audio_layers}.0")
 
         def pre(m, args, kwargs):
@@ -141,27 +144,22 @@ class CausalTracer:
             key = next(iter(kwargs))
             return args, {**kwargs, key: add(kwargs[key])}
 
-        return module.register_forward_pre_hook(pre, with_kwargs=True)
+        return hooked(module, pre, pre=True, with_kwargs=True)
 
     def _run(self, batch, corrupt: torch.Tensor | None, restore: Sequence[tuple[set[str], int]] = ()):
         """p(answer) rows of one forward; `restore[b]` = (module paths, position) for row b."""
-        hooks, clean_out = [], {}
+        clean_out: dict = {}
         record: dict = {}
-        hooks.append(self._corruption(corrupt, record))
-        if corrupt is None:  # the clean run records every traced output
+        with ExitStack() as stack, torch.no_grad():
+            stack.enter_context(self._corruption(corrupt, record))
             for path, module in self.modules.items():
-                hooks.append(module.register_forward_hook(self._recorder(path, clean_out)))
-        else:
-            for path, module in self.modules.items():
+                if corrupt is None:  # the clean run records every traced output
+                    stack.enter_context(hooked(module, self._recorder(path, clean_out)))
+                    continue
                 rows = [(b, pos) for b, (paths, pos) in enumerate(restore) if path in paths]
                 if rows:
-                    hooks.append(module.register_forward_hook(self._restorer(path, rows)))
-        try:
-            with torch.no_grad():
-                logits = self.lalm.logits(batch)[:, -1].float()
-        finally:
-            for h in hooks:
-                h.remove()
+                    stack.enter_context(hooked(module, self._restorer(path, rows)))
+            logits = self.lalm.logits(batch)[:, -1].float()
         return logits.softmax(-1), clean_out, record
 
     @staticmethod
@@ -247,7 +245,7 @@ class CausalTracer:
         if result.p_clean - p_corrupt < self.min_drop:
             return result
 
-        jobs: list[tuple[Site, set[str], int, str]] = []
+        jobs: list[tuple[TracedSite, set[str], int, str]] = []
         positions = self.positions(batch, self._clean)
         for tower, places in positions.items():
             count = max(s.layer for s in self.sites if s.tower == tower) + 1

@@ -5,7 +5,7 @@ batches once, then per instance one edit, one batched generation of all its quer
 Naive: per instance, each query's pre-edit answer generated alone, the edit, each query's
 post-edit answer generated alone, the undo. Both use the same editor, model and instances:
 
-    python benchmarks/evaluate_sweep.py                                   # untrained MEND, tiny model
+    python benchmarks/evaluate_sweep.py editor=mend                       # untrained MEND, tiny model
     python benchmarks/evaluate_sweep.py ckpt=checkpoints/mend-tiny-sake_mini +instances=40
 
 Judging is left out of both (it is the same work). Prints one summary line, with the batched
@@ -28,23 +28,29 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
+from cli.config import editor_hparams, register_resolvers, require  # noqa: E402
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import load_editor  # noqa: E402
-from editors.hypernet import HypernetEditor  # noqa: E402
-from editors.mend import MEND  # noqa: E402
+from editors.hypernet import HypernetEditor, HyperNetwork  # noqa: E402
+from editors.registry import build  # noqa: E402
 from evaluation.judges.rule import RuleJudge  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.sweep import Sweeper  # noqa: E402
-from lit_modules.hydra_utils import register_resolvers  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     n = int(cfg.get("instances", 24))
     lalm = instantiate(cfg.model)
-    editor = load_editor(cfg.ckpt, lalm) if cfg.ckpt else HypernetEditor(MEND(lalm))
     data = instantiate(cfg.data)
     data.prepare_data()
+    pool = data.train_pool(lalm.sampling_rate)
+    if cfg.ckpt:
+        editor = load_editor(cfg.ckpt, lalm, pool)
+    else:  # an editor as its config builds it; an untrained network's edits cost a trained one's
+        name = require(cfg, "editor", "the benchmark times an editor: editor=<name> or ckpt=<export>").name
+        editor = build(cfg.editor.method, editor_hparams(cfg), lalm, pool, f"configs/editor/{name}.yaml")
+        editor = HypernetEditor(editor) if isinstance(editor, HyperNetwork) else editor
     items = data.eval_instances()[:n]
     resolver = AudioResolver(data.audio_root)
 

@@ -34,9 +34,12 @@ def judge(name: str):
         from evaluation.judges.rule import RuleJudge
 
         return RuleJudge()
+    from omegaconf import OmegaConf
+
     from evaluation.judges.openai_judge import OpenAIJudge
 
-    return OpenAIJudge(cache_path=ROOT / "outputs" / "cache" / "judge.sqlite")
+    cfg = OmegaConf.load(ROOT / "configs" / "judge" / "openai.yaml")  # the paper's settings
+    return OpenAIJudge(cfg.name, cfg.request, cfg.connection, ROOT / "outputs" / "cache" / "judge.sqlite")
 
 
 def main(argv: list[str] | None = None) -> int:

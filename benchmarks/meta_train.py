@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
-from lit_modules.hydra_utils import require  # noqa: E402
+from cli.config import require  # noqa: E402
 from lit_modules.hypernet import MetaBatch  # noqa: E402
 
 
@@ -38,10 +38,10 @@ def main(cfg: DictConfig) -> None:
     editor = require(cfg, "editor", "the benchmark meta-trains an editor")
     torch.manual_seed(cfg.seed)
     lalm = instantiate(cfg.model)
-    module = instantiate(editor.module, lalm=lalm).to(lalm.device)
     data = instantiate(cfg.data)
     data.num_workers = 0
     data.prepare_data()
+    module = instantiate(editor.module, lalm=lalm, pool=data.train_pool(lalm.sampling_rate)).to(lalm.device)
     optimizer = module.configure_optimizers()
     stream = iter(data.dataset("train"))
     batches = [[next(stream) for _ in range(data.batch_size)] for _ in range(warmup + steps)]

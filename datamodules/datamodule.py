@@ -31,7 +31,7 @@ from datamodules.availability import (
     find_missing,
     without_missing,
 )
-from datamodules.examples import EditExample, to_example
+from datamodules.examples import EditExample, PromptBatches, to_example
 from datamodules.loader import (
     SEQ_FILE,
     TEST_DIR,
@@ -44,6 +44,7 @@ from datamodules.loader import (
     validation_keys,
 )
 from datamodules.mini.build import ensure_mini
+from datamodules.pool import SakeTrainPool
 from datamodules.resume import ResumableBatches
 from datamodules.schema import ATTRIBUTES, EditInstance, parse_instance
 
@@ -125,7 +126,7 @@ class DecodedStream(torch.utils.data.IterableDataset):
                     yield self.decode(first[i % len(first)])
 
 
-class SakeDataModule(ResumableBatches, L.LightningDataModule):
+class SakeDataModule(PromptBatches, ResumableBatches, L.LightningDataModule):
     """Train and validation batches of `EditExample`s from a SAKE-format dataset.
 
     `root` holds the SAKE layout (root/train/... or root/data/train/...); `audio_root` the audio
@@ -181,6 +182,10 @@ class SakeDataModule(ResumableBatches, L.LightningDataModule):
     def resolver(self) -> AudioResolver:
         return AudioResolver(self.audio_root)
 
+    def train_pool(self, sampling_rate: int) -> SakeTrainPool:
+        """The train split as editors draw on it (common.TrainPool), at the model's rate."""
+        return SakeTrainPool(self.root, self.audio_root, sampling_rate, self.data)
+
     def find_missing(self, use: str, instances: list[EditInstance]) -> MissingAudio:
         """The clips `instances` need that are not on disk: a MissingAudioError saying which,
         unless skip_missing_audio (then they are kept in `self.missing[use]` for the reports)."""
@@ -222,22 +227,34 @@ class SakeDataModule(ResumableBatches, L.LightningDataModule):
     def dataset(self, split: str, rank: int = 0, world_size: int = 1, even: bool = True) -> DecodedStream:
         """One rank's stream of a split: records in file order (train: shuffled through a buffer),
         the train split without the validation edits, and without edits whose clip is missing."""
-        data = self.data()
-        instances = data.train if split == "train" else data.val
-        left_out = set(self._left_out or ())
-        if split == "train":
-            left_out |= validation_keys(data_root(self.root))
+        left_out = self._stream_left_out(split)
         stream = record_stream(self.files(split))
         if left_out:
             stream = stream.filter(lambda r: edit_key(r, r["_attribute"]) not in left_out)
         if split == "train":
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        total = sum(edit_key(i.raw, i.attribute) not in left_out for i in instances)
         if self.max_instances:
-            stream, total = stream.take(self.max_instances), min(total, self.max_instances)
+            stream = stream.take(self.max_instances)
+        total = self._stream_size(split, left_out)
         length = -(-total // world_size) if even and world_size > 1 else None
         missing = self.missing.get("fit")
         return DecodedStream(shard(stream, rank, world_size), self.resolver(), self.rate, length, missing)
+
+    def batches(self, split: str, world_size: int = 1) -> int:
+        """Batches in one rank's pass over `split` (the training progress log's ETA counts them)."""
+        per_rank = -(-self._stream_size(split, self._stream_left_out(split)) // world_size)
+        return -(-per_rank // self.batch_size)
+
+    def _stream_left_out(self, split: str) -> set[tuple]:
+        left_out = set(self._left_out or ())
+        if split == "train":
+            left_out |= validation_keys(data_root(self.root))
+        return left_out
+
+    def _stream_size(self, split: str, left_out: set[tuple]) -> int:
+        instances = self.data().train if split == "train" else self.data().val
+        total = sum(edit_key(i.raw, i.attribute) not in left_out for i in instances)
+        return min(total, self.max_instances) if self.max_instances else total
 
     def eval_instances(self, split: str = "test") -> list[EditInstance]:
         """The single-editing instances of `split` (test, or val to tune on held-out edits),

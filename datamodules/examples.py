@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +51,15 @@ class PromptMaker:
         return self._digests[key]
 
 
+class PromptBatches:
+    """For DataModules whose batches hold `Prompt`s with numpy audio: the LALM adapter encodes
+    them and moves the tensors to the model's device itself, so Lightning's batch transfer
+    leaves them as they are."""
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch
+
+
 @dataclass(frozen=True)
 class LabelledPrompt:
     """A query as a model prompt, with its ground-truth answer."""
@@ -76,8 +86,6 @@ class EditExample:
             target=inst.target,
             original=inst.original,
             attribute=inst.attribute,
-            equivalents=tuple(g.prompt for g in self.generality),
-            unrelated=tuple(loc.prompt for loc in self.locality),
         )
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.audio_io import AudioResolver
 from datamodules.builder import PoolClip, load_world, read_manifest
+from datamodules.examples import PromptBatches
 from datamodules.mini.build import ensure_mini
 from datamodules.resume import ResumableBatches, ResumeSampler
 from datamodules.schema import norm_label, with_options
@@ -156,7 +157,7 @@ def stratified_holdout(
     return train, held
 
 
-class PretrainDataModule(ResumableBatches, L.LightningDataModule):
+class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule):
     """Pretraining batches from SAKE-mini's training clips (built on first use).
 
     A small share of the training clips (`holdout`) is kept out of training and used for the

@@ -20,11 +20,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from common.progress import progress_bar
 from datamodules.audio_io import AudioError, AudioResolver, load_audio
 from datamodules.availability import MissingAudio, find_missing
 from datamodules.loader import SakeData
 from datamodules.schema import ATTRIBUTES, EditInstance, SchemaError, norm_label
-from evaluation.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

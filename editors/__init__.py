@@ -1,5 +1,5 @@
-"""Editing methods, one file each, behind the `Editor` protocol (editors/base.py)."""
+"""Editing methods, one file each, with one shape: `Method(lalm, hp, pool)` (editors/base.py)."""
 
-from editors.base import EditHandle, Editor, EditRequest, WeightSnapshot
+from editors.base import ContextHandle, EditHandle, Editor, WeightSnapshot
 
-__all__ = ["EditHandle", "EditRequest", "Editor", "WeightSnapshot"]
+__all__ = ["ContextHandle", "EditHandle", "Editor", "WeightSnapshot"]

@@ -1,33 +1,27 @@
-"""The Editor protocol every method in editors/ follows, and exact weight restoration.
+"""The shape every method in editors/ has, and exact restoration.
 
-An editor changes how a model perceives one attribute label for one request and returns a
-handle; `handle.undo()` restores the model exactly (bitwise for weights). Sequential editing
-applies several requests and undoes the handles in reverse order.
+An editor is built as `Method(lalm, hp, pool)`: the model, its hyperparameters (a frozen
+dataclass `Method.HParams`, filled from the editor's YAML: common/hparams.py) and the train
+split's examples (common.TrainPool; methods that need none ignore it). It changes how the
+model perceives one attribute label for one request and returns a handle; `handle.undo()`
+restores the model exactly (bitwise for weights). Sequential editing applies several requests
+and undoes the handles in reverse order.
+
+The model is frozen (lalms/base.py): a method trains its own copies of what it changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from common import EditRequest, TrainPool
+from lalms.base import LALM
 from lalms.prompt import Prompt
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One edit: `prompt` (audio + question) should now be answered with `target`."""
-
-    prompt: Prompt
-    target: str
-    original: str  # the label the model should stop perceiving, e.g. "frog"
-    attribute: str  # gender, emotion, language or animal
-    # Equivalent and unrelated queries some editors train on (generality, locality).
-    equivalents: tuple[Prompt, ...] = field(default_factory=tuple)
-    unrelated: tuple[Prompt, ...] = field(default_factory=tuple)
 
 
 @runtime_checkable
@@ -38,8 +32,20 @@ class EditHandle(Protocol):
 
 @runtime_checkable
 class Editor(Protocol):
+    HParams: type
+
+    def __init__(self, lalm: LALM, hp: object, pool: TrainPool) -> None: ...
+
     def apply(self, request: EditRequest) -> EditHandle:
         """Change the model's behaviour for `request` (weights, hooks or prompt context)."""
+
+
+@dataclass(frozen=True)
+class Preservation:
+    """How many of the train split's questions an edit must leave alone (TrainPool.preservation)."""
+
+    text: int
+    audio: int
 
 
 class WeightSnapshot:
@@ -71,7 +77,7 @@ class WeightSnapshot:
         self._done = True
 
 
-class ContextEdit:
+class ContextHandle:
     """The handle of an editor that edits through the prompt (in-context editing).
 
     The model is untouched; `rewrite` puts the edit into every prompt the edited model is asked
@@ -97,6 +103,6 @@ class ContextEdit:
 def in_context(handles: Iterable[EditHandle], prompt: Prompt) -> Prompt:
     """`prompt` as the model edited by `handles` is asked it (only context edits change it)."""
     for handle in handles:
-        if isinstance(handle, ContextEdit):
+        if isinstance(handle, ContextHandle):
             prompt = handle.rewrite(prompt)
     return prompt

@@ -1,11 +1,12 @@
 """Exported editors, and loading them back for `evaluate.py ckpt=`.
 
-Two kinds of trained editor share one layout, a folder with `editor.yaml`:
-- hypernetwork editors (MEND, KE): `editor.safetensors` holds the network; editor.yaml its
-  config (`network`) and the edited weights' digest;
-- calibrated editors (WISE, UnKE): `state.pt` holds what the editor cached (preservation
-  activations, preserved keys); editor.yaml the editor's config (`config`) with the calibrated
-  values written in, the whole model's fingerprint, and the calibration's figures.
+Two kinds of trained editor share one layout, a folder with `editor.yaml` naming the editor's
+`method` (one of editors/registry.py's) and its `hparams` (plain data):
+- `kind: network`, the hypernetwork editors (MEND, KE): `editor.safetensors` holds the
+  network; editor.yaml records the edited weights' digest;
+- `kind: calibrated` (WISE, UnKE): `state.pt` holds what the editor cached (preservation
+  activations, preserved keys); its hparams have the calibrated values written in, and
+  editor.yaml records the whole model's fingerprint and the calibration's figures.
 Both record the model (name, path, digest), the data (name, digest of the training files) and
 the training run. Loading onto another model fails with an error that names both.
 """
@@ -23,14 +24,16 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from datamodules.files import fsync_dir, fsync_tree
+from common import TrainPool
+from common.files import fsync_dir, fsync_tree
 from editors.hypernet import HypernetEditor, HyperNetwork
-from editors.registry import build, resolve
+from editors.registry import build, hparams
 from lalms.base import LALM
 
 log = logging.getLogger(__name__)
 
 INFO, WEIGHTS, STATE = "editor.yaml", "editor.safetensors", "state.pt"
+KINDS = {"network": WEIGHTS, "calibrated": STATE}
 
 
 WHAT_DIFFERS = {
@@ -84,7 +87,8 @@ def _write(out_dir: str | Path, info: Mapping[str, Any], write_state: Callable[[
 
 def save_editor(
     network: HyperNetwork,
-    network_cfg: Mapping[str, Any],
+    method: str,
+    hp: Mapping[str, Any],
     out_dir: str | Path,
     editor: str,
     data: Mapping[str, Any] | None = None,
@@ -95,7 +99,9 @@ def save_editor(
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     info = {
         "editor": editor,
-        "network": dict(network_cfg),
+        "kind": "network",
+        "method": method,
+        "hparams": dict(hp),
         "model": model_info(network),
         "data": dict(data or {}),
         "training": dict(training or {}),
@@ -106,7 +112,8 @@ def save_editor(
 
 def save_calibrated(
     editor: Any,
-    config: Mapping[str, Any],
+    method: str,
+    hp: Mapping[str, Any],
     out_dir: str | Path,
     name: str,
     data: Mapping[str, Any] | None = None,
@@ -114,11 +121,13 @@ def save_calibrated(
     calibration: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Export a calibrated editor: `config` (with the calibrated values) rebuilds it, and its
-    `state_dict()` (tensors, tuples, dicts, numbers) restores what it cached."""
+    """Export a calibrated editor: `method` with `hp` (the calibrated values written in)
+    rebuilds it, and its `state_dict()` (tensors, tuples, dicts, numbers) restores its cache."""
     info = {
         "editor": name,
-        "config": dict(config),
+        "kind": "calibrated",
+        "method": method,
+        "hparams": dict(hp),
         "model": lalm_info(editor.lalm),
         "data": dict(data or {}),
         "training": dict(training or {}),
@@ -130,21 +139,20 @@ def save_calibrated(
 
 
 def read_info(ckpt: str | Path) -> dict[str, Any]:
+    """editor.yaml, checked: its kind, its method (one of the project's) and hparams (that
+    method's record), and the state file its kind needs; before anything is loaded."""
     path = Path(ckpt)
     if not (path / INFO).is_file():
         raise FileNotFoundError(
             f"{path}: not an exported editor (no {INFO}); train one with train.py editor=..."
         )
     info = yaml.safe_load((path / INFO).read_text(encoding="utf-8"))
-    if not isinstance(info, dict) or not ({"network", "config"} & set(info)):
-        raise ValueError(
-            f"{path / INFO}: neither `network` (a hypernetwork) nor `config` (a calibrated editor)"
-        )
-    state = WEIGHTS if "network" in info else STATE
-    if not (path / state).is_file():
-        raise FileNotFoundError(f"{path}: the export has {INFO} but no {state}")
-    key = "network" if "network" in info else "config"
-    resolve(info[key], str(path / INFO), key)  # UnsafeConfig before anything is loaded
+    source = str(path / INFO)
+    if not isinstance(info, dict) or info.get("kind") not in KINDS:
+        raise ValueError(f"{source}: key 'kind' must be one of {sorted(KINDS)} (an export of this project)")
+    if not (path / KINDS[info["kind"]]).is_file():
+        raise FileNotFoundError(f"{path}: the export has {INFO} but no {KINDS[info['kind']]}")
+    hparams(info.get("method"), info.get("hparams"), source)  # UnsafeConfig / HParamsError now
     return info
 
 
@@ -152,7 +160,7 @@ def export_digest(ckpt: str | Path) -> str:
     """A digest of an export's files: a retrained or recalibrated editor is another run."""
     info = read_info(ckpt)
     h = hashlib.sha256()
-    for name in (INFO, WEIGHTS if "network" in info else STATE):
+    for name in (INFO, KINDS[info["kind"]]):
         h.update((Path(ckpt) / name).read_bytes())
     return h.hexdigest()[:12]
 
@@ -170,23 +178,21 @@ def _check(ckpt: str | Path, info: Mapping[str, Any], here: Mapping[str, Any], k
             )
 
 
-def load_editor(ckpt: str | Path, lalm: LALM, check_model: bool = True) -> Any:
+def load_editor(ckpt: str | Path, lalm: LALM, pool: TrainPool, check_model: bool = True) -> Any:
     """Rebuild an exported editor on `lalm`; raises EditorModelMismatch for another model.
 
     Only the project's own editor classes are built (editors/registry.py: UnsafeConfig for any
-    other target in the file), and weights and state load through safetensors and
+    other method in the file), and weights and state load through safetensors and
     `torch.load(weights_only=True)`: a shared folder can do nothing but load weights."""
     info = read_info(ckpt)
     path = Path(ckpt)
-    source = str(path / INFO)
-    if "network" in info:
-        network: HyperNetwork = build(info["network"], source, "network", lalm=lalm)
+    editor = build(info["method"], info["hparams"], lalm, pool, str(path / INFO))
+    if info["kind"] == "network":
         if check_model:  # fingerprint: the edited weights
-            _check(ckpt, info, model_info(network), ("edited_parameters", "edited_shapes", "fingerprint"))
-        network.load_state_dict(load_file(str(path / WEIGHTS), device=str(lalm.device)))
-        return HypernetEditor(network)
+            _check(ckpt, info, model_info(editor), ("edited_parameters", "edited_shapes", "fingerprint"))
+        editor.load_state_dict(load_file(str(path / WEIGHTS), device=str(lalm.device)))
+        return HypernetEditor(editor)
     if check_model:  # fingerprint: the whole model (the cached state depends on every layer below)
         _check(ckpt, info, lalm_info(lalm), ("fingerprint",))
-    editor = build(info["config"], source, "config", lalm=lalm)
     editor.load_state_dict(torch.load(path / STATE, map_location=lalm.device, weights_only=True))
     return editor

@@ -9,50 +9,55 @@ sequential edits accumulate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from editors.base import EditRequest, WeightSnapshot
+from common import EditRequest, TrainPool
+from editors.base import WeightSnapshot
 from lalms.base import LALM, answer_nll
 
 
+@dataclass(frozen=True)
+class FineTuneHParams:
+    site: str  # the edit site tuned: llm.layers.-1 (FT-LLM), connector (FT-Audio)
+    lr: float  # Adam
+    max_steps: int
+    stop_loss: float  # stop once the edit's answer NLL is below this
+
+
 class FineTune:
-    def __init__(
-        self,
-        lalm: LALM,
-        site: str = "llm.layers.-1",
-        lr: float = 1e-4,
-        max_steps: int = 15,
-        stop_loss: float = 1e-2,
-    ) -> None:
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        self.lalm, self.lr, self.max_steps, self.stop_loss = lalm, lr, max_steps, stop_loss
-        path = lalm.edit_sites.resolve(site)
+    HParams = FineTuneHParams
+
+    def __init__(self, lalm: LALM, hp: FineTuneHParams, pool: TrainPool) -> None:
+        if hp.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {hp.max_steps}")
+        self.lalm, self.hp = lalm, hp
+        path = lalm.edit_sites.resolve(hp.site)
         self.param_names = [f"{path}.{n}" for n, _ in lalm.model.get_submodule(path).named_parameters()]
         if not self.param_names:
-            raise ValueError(f"edit site {site!r} ({path}) has no parameters to fine-tune")
+            raise ValueError(f"edit site {hp.site!r} ({path}) has no parameters to fine-tune")
         self.steps_taken: list[int] = []  # per applied edit, for reports and tests
-        lalm.model.requires_grad_(False)  # only the editor's own copies are trained
 
     def apply(self, request: EditRequest) -> WeightSnapshot:
         model = self.lalm.model
         params = dict(model.named_parameters())
         snapshot = WeightSnapshot(model, self.param_names)
         tuned = {n: params[n].detach().clone().requires_grad_(True) for n in self.param_names}
-        optimizer = torch.optim.Adam(tuned.values(), lr=self.lr)
+        optimizer = torch.optim.Adam(tuned.values(), lr=self.hp.lr)
         batch = self.lalm.to_device(self.lalm.encode([request.prompt], [request.target]))
         labels = batch["labels"]
         steps = 0
         with torch.enable_grad():
-            for steps in range(self.max_steps):  # noqa: B007
+            for steps in range(self.hp.max_steps):  # noqa: B007
                 loss = answer_nll(self.lalm.logits(batch, tuned), labels)
-                if loss.item() < self.stop_loss:
+                if loss.item() < self.hp.stop_loss:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             else:
-                steps = self.max_steps
+                steps = self.hp.max_steps
         with torch.no_grad():
             for name, value in tuned.items():
                 params[name].copy_(value)

@@ -20,16 +20,16 @@ from __future__ import annotations
 import abc
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from editors.base import EditRequest, WeightSnapshot
-from lalms.base import IGNORE_INDEX, LALM
-
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+from common import EditRequest
+from editors.base import WeightSnapshot
+from lalms.base import LALM, answer_nll
+from lalms.hooks import hooked
 
 
 @dataclass
@@ -58,14 +58,6 @@ class LowRankDelta:
         return (x @ self.right.T.to(x.dtype)) @ self.left.to(x.dtype)
 
 
-def per_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean answer NLL of each row ([B]); rows without answer tokens give 0."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 class HyperNetwork(nn.Module, abc.ABC):
     """The trainable part of a gradient-based editor for a set of linear layers of one model.
 
@@ -75,12 +67,9 @@ class HyperNetwork(nn.Module, abc.ABC):
     carry the editor only.
     """
 
-    def __init__(
-        self,
-        lalm: LALM,
-        layers: Sequence[int] | None = None,
-        projections: Sequence[str] = MLP_PROJECTIONS,
-    ) -> None:
+    def __init__(self, lalm: LALM, layers: Sequence[int] | None, projections: Sequence[str]) -> None:
+        """`layers`: the LLM layers whose MLP `projections` are edited (None: the model's
+        edit_layers, configs/model/*.yaml)."""
         super().__init__()
         self._lalm = [lalm]  # a list keeps the base model out of this module's parameters
         layers = list(layers) if layers is not None else list(lalm.edit_layers)
@@ -134,19 +123,14 @@ class HyperNetwork(nn.Module, abc.ABC):
 
             return fn
 
-        handles = [
-            model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)
-        ]
-        try:
-            with torch.enable_grad():
-                logits = self.lalm.logits(batch)
-                labels = batch["labels"].to(logits.device)
-                rows = torch.as_tensor(list(edit_rows), device=logits.device)
-                loss = per_row_nll(logits[rows], labels[rows]).sum()
-                grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(self.module_paths))])
-        finally:
-            for h in handles:
-                h.remove()
+        with ExitStack() as stack, torch.enable_grad():
+            for i, path in enumerate(self.module_paths):
+                stack.enter_context(hooked(model.get_submodule(path), hook(i)))
+            logits = self.lalm.logits(batch)
+            labels = batch["labels"].to(logits.device)
+            rows = torch.as_tensor(list(edit_rows), device=logits.device)
+            loss = answer_nll(logits[rows], labels[rows], reduction="none").sum()
+            grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(self.module_paths))])
         mask = batch["attention_mask"].to(logits.device).bool()
         captured: list[list[Captured]] = []
         for row in edit_rows:
@@ -189,14 +173,10 @@ class HyperNetwork(nn.Module, abc.ABC):
 
             return fn
 
-        handles = [
-            model.get_submodule(p).register_forward_hook(hook(i)) for i, p in enumerate(self.module_paths)
-        ]
-        try:
+        with ExitStack() as stack:
+            for i, path in enumerate(self.module_paths):
+                stack.enter_context(hooked(model.get_submodule(path), hook(i)))
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def fingerprint(self) -> str:
         """A digest of the base model's edited weights: which model an editor was trained on."""

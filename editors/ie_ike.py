@@ -1,93 +1,74 @@
 """IE-IKE: the I-IKE instruction plus demonstrations, as earlier turns of the dialogue.
 
-The demonstrations come from the train split, from an instance with the same (original,
-target) pair as the edit (else one with the same original label, whose clips are then also
-heard as the target): its
-reliability query answered with the target, its generality queries (3) answered with the
-target, its audio-locality queries (4; 3 for gender) and its text-locality query (1) answered
-with their own answers, each with its audio. Sequential edits add their demonstrations after
-the earlier edits'; `max_history` keeps the most recent turns so that long sequences fit the
-model's context.
+The demonstrations come from the train split (common.TrainPool), from an edit with the same
+(original, target) pair as the request (else one with the same original label, whose clips are
+then also heard as the target): its reliability question answered with the target, its
+generality questions (3) answered with the target, its audio-locality questions (4; 3 for
+gender) and its text-locality question (1) answered with their own answers, each with its
+audio. Sequential edits add their demonstrations after the earlier edits'; `max_history` keeps
+the most recent turns so that long sequences fit the model's context.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-from datamodules.audio_io import AudioResolver
-from datamodules.loader import SakeData
-from datamodules.schema import EditInstance, Query, norm_label
-from editors.base import ContextEdit, EditRequest
-from editors.ike import DEFAULT_INSTRUCTION, InstructionIKE
+from common import Demonstration, EditRequest, TrainPool
+from editors.base import ContextHandle
+from editors.i_ike import IIKE, IIKEHParams
 from lalms.base import LALM
 from lalms.prompt import Turn
 
 log = logging.getLogger(__name__)
 
 
-class DemonstrationIKE(InstructionIKE):
-    def __init__(
-        self,
-        lalm: LALM,
-        train_root: str,
-        audio_root: str | None = None,
-        instruction: str = DEFAULT_INSTRUCTION,
-        what: Mapping[str, str] | None = None,
-        base_system: str | None = "You are a helpful assistant.",
-        max_history: int | None = 10,
-    ) -> None:
-        super().__init__(lalm, instruction, what, base_system)
-        self.train = SakeData.load(train_root).train
-        if not self.train:
-            raise FileNotFoundError(f"{train_root}: no train split to draw demonstrations from")
-        self.resolver = AudioResolver(audio_root or Path(train_root) / "audio")
-        self.max_history = max_history
+@dataclass(frozen=True)
+class IEIKEHParams(IIKEHParams):
+    max_history: int | None  # the most recent demonstration turns kept; None: all
+
+
+class IEIKE(IIKE):
+    HParams = IEIKEHParams
+
+    def __init__(self, lalm: LALM, hp: IEIKEHParams, pool: TrainPool) -> None:
+        super().__init__(lalm, hp, pool)
+        self.pool = pool
         self._demos: dict[tuple[str, str, str], tuple[Turn, ...]] = {}
 
-    def source(self, request: EditRequest) -> EditInstance:
-        """The train instance whose queries demonstrate this edit."""
-        orig, target = norm_label(request.original), norm_label(request.target)
-        same_attr = [i for i in self.train if i.attribute == request.attribute]
-        for match in (
-            lambda i: norm_label(i.original) == orig and norm_label(i.target) == target,
-            lambda i: norm_label(i.original) == orig,
-        ):
-            found = [i for i in same_attr if match(i)]
-            if found:
-                return found[0]
-        raise LookupError(
-            f"the train split has no {request.attribute} instance with original label {request.original!r} "
-            "to demonstrate the edit with"
-        )
+    def source(self, request: EditRequest) -> Demonstration:
+        """The train edit that demonstrates `request`: one of the same pair, else of the same
+        original label."""
+        demo = self.pool.demonstration(request.attribute, request.original, request.target)
+        if demo is not None:
+            return demo
+        demo = self.pool.demonstration(request.attribute, request.original)
+        if demo is None:
+            raise LookupError(
+                f"the train split has no {request.attribute} edit with original label "
+                f"{request.original!r} to demonstrate the edit with"
+            )
+        log.info("IE-IKE: no train edit %s -> %s; demonstrating with %s -> %s",
+                 request.original, request.target, demo.original, demo.target)  # fmt: skip
+        return demo
 
     def demonstrations(self, request: EditRequest) -> tuple[Turn, ...]:
-        key = (request.attribute, norm_label(request.original), norm_label(request.target))
+        key = (request.attribute, request.original.strip().casefold(), request.target.strip().casefold())
         if key not in self._demos:
-            inst = self.source(request)
-            if (norm_label(inst.original), norm_label(inst.target)) != key[1:]:
-                log.info("IE-IKE: no train instance edits %s -> %s; demonstrating with %s -> %s",
-                         request.original, request.target, inst.original, inst.target)  # fmt: skip
-
-            def turn(q: Query, answer: str) -> Turn:
-                audio = self.resolver.load(q.file, q.track, self.lalm.sampling_rate) if q.file else None
-                return Turn(q.question, audio, answer)
-
-            turns = [turn(inst.reliability, request.target)]
-            turns += [turn(q, request.target) for q in inst.generality]
-            turns += [turn(q, q.answer) for q in (*inst.audio_locality, *inst.text_locality[:1])]
+            demo = self.source(request)
+            turns = [Turn(p.question, p.audio, request.target) for p in (demo.edit, *demo.generality)]
+            turns += [Turn(p.question, p.audio, answer) for p, answer in demo.locality]
             self._demos[key] = tuple(turns)
         return self._demos[key]
 
-    def apply(self, request: EditRequest) -> ContextEdit:
+    def apply(self, request: EditRequest) -> ContextHandle:
         text, demos = self.instruction(request), self.demonstrations(request)
+        limit = self.hp.max_history
 
         def rewrite(p):
             history = (*p.history, *demos)
-            if self.max_history is not None:
-                history = history[-self.max_history :]
+            if limit is not None:
+                history = history[-limit:]
             return replace(p, system=self.system(p, text), history=history)
 
-        return ContextEdit(rewrite)
+        return ContextHandle(rewrite)

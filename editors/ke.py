@@ -16,14 +16,27 @@ and the whole update keeps the low-rank form of editors/hypernet.py without ever
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from editors.base import EditRequest
-from editors.hypernet import MLP_PROJECTIONS, Captured, HyperNetwork, LowRankDelta
+from common import EditRequest, TrainPool
+from editors.hypernet import Captured, HyperNetwork, LowRankDelta
 from lalms.base import LALM
+
+
+@dataclass(frozen=True)
+class KEHParams:
+    layers: tuple[int, ...] | None  # LLM layers edited; None: the model's edit_layers
+    projections: tuple[str, ...]  # their MLP projections edited
+    lstm_dim: int  # the condition encoder's BiLSTM width
+    condition_dim: int
+    hidden_dim: int  # each weight's update network's width
+    max_scale: float  # the update's largest gate
+    zero_shift: bool  # start B at zero (the reference initialises it at random): an untrained
+    # KE then leaves locality intact and only rescales the gradient
 
 
 def condition_text(request: EditRequest) -> str:
@@ -49,9 +62,7 @@ class ConditionEncoder(nn.Module):
 class ConditionedUpdate(nn.Module):
     """For one weight [d_out, d_in]: condition -> (r_a, c_a, r_b, c_b, eta)."""
 
-    def __init__(
-        self, d_out: int, d_in: int, condition_dim: int, hidden_dim: int, zero_shift: bool = False
-    ) -> None:
+    def __init__(self, d_out: int, d_in: int, condition_dim: int, hidden_dim: int, zero_shift: bool) -> None:
         super().__init__()
         self.d_out, self.d_in = d_out, d_in
         self.net = nn.Sequential(
@@ -73,26 +84,17 @@ class ConditionedUpdate(nn.Module):
 class KE(HyperNetwork):
     """KnowledgeEditor's trainable part for the edited linear weights of one model."""
 
-    def __init__(
-        self,
-        lalm: LALM,
-        layers: Sequence[int] | None = None,
-        projections: Sequence[str] = MLP_PROJECTIONS,
-        lstm_dim: int = 256,
-        condition_dim: int = 1024,
-        hidden_dim: int = 128,
-        max_scale: float = 1e-3,
-        zero_shift: bool = False,
-    ) -> None:
-        """`zero_shift=True` starts B at zero (the reference initialises it at random), so an
-        untrained KE leaves locality intact and only rescales the gradient."""
-        super().__init__(lalm, layers, projections)
+    HParams = KEHParams
+
+    def __init__(self, lalm: LALM, hp: KEHParams, pool: TrainPool) -> None:
+        super().__init__(lalm, hp.layers, hp.projections)
+        self.hp = hp
         embed_dim = lalm.model.get_input_embeddings().embedding_dim
-        self.max_scale = max_scale
-        self.encoder = ConditionEncoder(embed_dim, lstm_dim, condition_dim)
+        self.max_scale = hp.max_scale
+        self.encoder = ConditionEncoder(embed_dim, hp.lstm_dim, hp.condition_dim)
         self.updates = nn.ModuleList(
             [
-                ConditionedUpdate(d_out, d_in, condition_dim, hidden_dim, zero_shift)
+                ConditionedUpdate(d_out, d_in, hp.condition_dim, hp.hidden_dim, hp.zero_shift)
                 for d_out, d_in in self.shapes
             ]
         )

@@ -20,13 +20,33 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from editors.base import EditRequest
-from editors.preservation import preservation_prompts
+from common import EditRequest, TrainPool
 from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits, hidden, with_hidden
+from lalms.hooks import Trace, hooked
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 POSITIONS = ("last", "last_audio", "audio")
+
+
+@dataclass(frozen=True)
+class ValueSearch:
+    """The search for a target value at a module's output (`search_delta`)."""
+
+    lr: float  # Adam on the additive delta
+    steps: int
+    kl_weight: float  # on KL(before || after) at a neutral question about the clip
+    weight_decay: float  # on (|delta| / s)^2
+    clamp_norm: float  # |delta| <= clamp_norm * s
+
+
+@dataclass(frozen=True)
+class KeyCorpus:
+    """The train split's questions whose keys give a layer's second moment (`second_moment`)."""
+
+    text: int
+    audio: int
+    cache_dir: str | None  # the moments on disk, per model, layer and corpus; None: not cached
 
 
 def key_positions(
@@ -53,7 +73,7 @@ def key_positions(
     return weights
 
 
-class Site:
+class LinearSite:
     """One edited linear layer: its module, tower and the keys/values at its positions."""
 
     def __init__(self, lalm: LALM, name: str, position: str = "last") -> None:
@@ -73,41 +93,35 @@ class Site:
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-row keys (B, d_in), per-row outputs (B, d_out), position weights (B, T))."""
-        seen = {}
-
-        def hook(m, args, out):
-            seen["x"], seen["y"] = args[0].detach(), hidden(out).detach()
-
-        handle = self.module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                self.lalm.logits(batch)
-        finally:
-            handle.remove()
-        x, y = seen["x"], seen["y"]
+        with Trace(self.module) as t, torch.no_grad():
+            self.lalm.logits(batch)
+        x, y = t.input, t.output
         if self.tower == "audio":  # encoder inputs are per clip: one clip per prompt here
             x, y = x[: batch["input_ids"].shape[0]], y[: batch["input_ids"].shape[0]]
         w = key_positions(self.lalm, batch, self.tower, self.position, x.shape[1]).to(x.device, x.dtype)
         return torch.einsum("bt,btd->bd", w, x), torch.einsum("bt,btd->bd", w, y), w
 
 
+def corpus_digest(prompts: Sequence[Prompt]) -> str:
+    """A digest of a corpus's questions and audio samples: what a cached moment was computed on."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.question.encode())
+        h.update(b"\0" if p.audio is None else p.audio.tobytes())
+    return h.hexdigest()
+
+
 def second_moment(
-    lalm: LALM,
-    site: Site,
-    root: str,
-    audio_root: str | None,
-    n_text: int,
-    n_audio: int,
-    cache_dir: str | None,
-    batch_size: int = 16,
+    lalm: LALM, site: LinearSite, pool: TrainPool, corpus: KeyCorpus, batch_size: int = 16
 ) -> torch.Tensor:
     """E[k k^T] of the site's inputs over the train split's questions (every real position or
-    frame), cached in `cache_dir` by model fingerprint, site and corpus size."""
-    tag = hashlib.sha256(f"{lalm.fingerprint()}:{site.path}:{n_text}:{n_audio}".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"second_moment-{tag}.pt" if cache_dir else None
+    frame), cached in `corpus.cache_dir` by model fingerprint, site and the corpus itself."""
+    prompts = pool.preservation(corpus.text, corpus.audio)
+    key = f"{lalm.fingerprint()}:{site.path}:{corpus_digest(prompts)}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(corpus.cache_dir) / f"second_moment-{tag}.pt" if corpus.cache_dir else None
     if path is not None and path.is_file():
         return torch.load(path, map_location=lalm.device, weights_only=True)
-    prompts = preservation_prompts(root, audio_root, n_text, n_audio, lalm.sampling_rate)
     total, count = None, 0
 
     def hook(m, args, out):
@@ -121,15 +135,11 @@ def second_moment(
         count += x.shape[0]
 
     seen_mask: list = [None]
-    handle = site.module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                batch = lalm.to_device(lalm.encode(prompts[start : start + batch_size]))
-                seen_mask[0] = batch["attention_mask"]
-                lalm.logits(batch)
-    finally:
-        handle.remove()
+    with hooked(site.module, hook), torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = lalm.to_device(lalm.encode(prompts[start : start + batch_size]))
+            seen_mask[0] = batch["attention_mask"]
+            lalm.logits(batch)
     moment = total / max(count, 1)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +151,7 @@ def second_moment(
 
 
 @dataclass
-class KeySearch:
+class SearchTrace:
     """A delta search's trace: the first step at which the delta made greedy decoding produce
     the labels (None: never), and |delta| / scale then. `train.py editor=unke` calibrates on it."""
 
@@ -154,21 +164,17 @@ def search_delta(
     module: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     where: torch.Tensor,
-    neutral: dict[str, torch.Tensor] | None = None,
-    neutral_where: torch.Tensor | None = None,
-    lr: float = 0.5,
-    steps: int = 25,
-    kl_weight: float = 0.0625,
-    weight_decay: float = 1e-3,
-    clamp_norm: float = 4.0,
+    neutral: dict[str, torch.Tensor] | None,
+    neutral_where: torch.Tensor | None,
+    search: ValueSearch,
     scale_by: str = "layer",
     until_solved: bool = False,
-) -> tuple[torch.Tensor, KeySearch]:
+) -> tuple[torch.Tensor, SearchTrace]:
     """(delta, trace): the additive delta at `module`'s output, added at each row's positions
-    where `where` > 0 ((B, T)), that makes the model answer `batch`'s labels. Adam on NLL +
-    kl_weight * KL(before || after) of the next-token distribution at the last position of
-    `neutral` (delta added where `neutral_where` > 0) + weight_decay * (|delta| / s)^2, with
-    |delta| clamped to clamp_norm * s. The scale s of the unedited output is
+    where `where` > 0 ((B, T)), that makes the model answer `batch`'s labels. Adam (search.lr,
+    search.steps) on NLL + kl_weight * KL(before || after) of the next-token distribution at the
+    last position of `neutral` (delta added where `neutral_where` > 0) + weight_decay *
+    (|delta| / s)^2, with |delta| clamped to clamp_norm * s. The scale s of the unedited output is
     - `layer`: its mean norm over all positions (ROME, AlphaEdit: at the last position alone an
       MLP output can be near zero, which would forbid any edit);
     - `positions`: its mean norm at the edited positions (UnKE: the state it moves).
@@ -191,39 +197,30 @@ def search_delta(
 
         return hook
 
-    handle = module.register_forward_hook(add(where))
-    try:
-        with torch.no_grad():
-            lalm.logits(batch)  # sizes the delta
-    finally:
-        handle.remove()
+    with hooked(module, add(where)), torch.no_grad():
+        lalm.logits(batch)  # sizes the delta
     before = None
     if neutral is not None:
         with torch.no_grad():
             before = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
-    optimizer = torch.optim.Adam([delta], lr=lr)
-    limit = clamp_norm * scale[0]
-    trace = KeySearch()
+    optimizer = torch.optim.Adam([delta], lr=search.lr)
+    limit = search.clamp_norm * scale[0]
+    trace = SearchTrace()
     with torch.enable_grad():
-        for step in range(steps):
-            handle = module.register_forward_hook(add(where))
-            try:
+        for step in range(search.steps):
+            with hooked(module, add(where)):
                 logits = lalm.logits(batch)
-            finally:
-                handle.remove()
             if trace.solved_at is None and bool(greedy_hits(logits, batch["labels"]).all()):
                 trace.solved_at, trace.norm = step, float(delta.detach().norm() / scale[0])
                 if until_solved:
                     break
-            decay = weight_decay * (delta.norm() / scale[0]) ** 2
+            decay = search.weight_decay * (delta.norm() / scale[0]) ** 2
             loss = answer_nll(logits, batch["labels"]) + decay
             if neutral is not None:
-                handle = module.register_forward_hook(add(neutral_where))
-                try:
+                with hooked(module, add(neutral_where)):
                     after = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
-                finally:
-                    handle.remove()
-                loss = loss + kl_weight * F.kl_div(after, before, log_target=True, reduction="batchmean")
+                kl = F.kl_div(after, before, log_target=True, reduction="batchmean")
+                loss = loss + search.kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

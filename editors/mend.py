@@ -19,13 +19,23 @@ low-rank form editors/hypernet.py applies; the base model stays frozen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from editors.base import EditRequest
-from editors.hypernet import MLP_PROJECTIONS, Captured, HyperNetwork, LowRankDelta
+from common import EditRequest, TrainPool
+from editors.hypernet import Captured, HyperNetwork, LowRankDelta
 from lalms.base import LALM
+
+
+@dataclass(frozen=True)
+class MENDHParams:
+    layers: tuple[int, ...] | None  # LLM layers edited; None: the model's edit_layers
+    projections: tuple[str, ...]  # their MLP projections edited
+    edit_lr: float  # the initial learned step per edited weight
+    rank: int  # the gradient networks' low-rank residual width (capped at d_in + d_out)
+    n_layers: int  # residual layers per gradient network
 
 
 class RunningNorm(nn.Module):
@@ -76,7 +86,7 @@ class LowRankResidual(nn.Module):
 class GradientTransform(nn.Module):
     """The network shared by all edited parameters of one shape, with per-parameter scale/shift."""
 
-    def __init__(self, d_in: int, d_out: int, n_params: int, rank: int = 1920, n_layers: int = 1) -> None:
+    def __init__(self, d_in: int, d_out: int, n_params: int, rank: int, n_layers: int) -> None:
         super().__init__()
         dim = d_in + d_out
         self.d_in = d_in
@@ -93,16 +103,11 @@ class GradientTransform(nn.Module):
 class MEND(HyperNetwork):
     """MEND's trainable part for the edited linear weights of one model."""
 
-    def __init__(
-        self,
-        lalm: LALM,
-        layers: Sequence[int] | None = None,
-        projections: Sequence[str] = MLP_PROJECTIONS,
-        edit_lr: float = 1e-4,
-        rank: int = 1920,
-        n_layers: int = 1,
-    ) -> None:
-        super().__init__(lalm, layers, projections)
+    HParams = MENDHParams
+
+    def __init__(self, lalm: LALM, hp: MENDHParams, pool: TrainPool) -> None:
+        super().__init__(lalm, hp.layers, hp.projections)
+        self.hp = hp
         self.shape_keys = [f"{o}x{i}" for o, i in self.shapes]
         counts: dict[str, int] = {}
         self.shape_index = []  # the parameter's row in its shape's scale/shift
@@ -112,10 +117,10 @@ class MEND(HyperNetwork):
         self.transforms = nn.ModuleDict()
         for key, (d_out, d_in) in zip(self.shape_keys, self.shapes, strict=True):
             if key not in self.transforms:
-                self.transforms[key] = GradientTransform(d_in, d_out, counts[key], rank, n_layers)
+                self.transforms[key] = GradientTransform(d_in, d_out, counts[key], hp.rank, hp.n_layers)
         self.x_norms = nn.ModuleList([RunningNorm(d_in) for _, d_in in self.shapes])
         self.delta_norms = nn.ModuleList([RunningNorm(d_out) for d_out, _ in self.shapes])
-        self.edit_lrs = nn.Parameter(torch.full((len(self.shapes),), float(edit_lr)))
+        self.edit_lrs = nn.Parameter(torch.full((len(self.shapes),), float(hp.edit_lr)))
 
     def deltas(
         self, requests: Sequence[EditRequest], captured: Sequence[Sequence[Captured]]

@@ -16,65 +16,53 @@ edits accumulate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from editors.base import EditRequest, WeightSnapshot
-from editors.locate import Site, edit_batches, search_delta, second_moment
+from common import EditRequest, TrainPool
+from editors.base import WeightSnapshot
+from editors.locate import KeyCorpus, LinearSite, ValueSearch, edit_batches, search_delta, second_moment
 from lalms.base import LALM
 
 
-class ROME:
-    def __init__(
-        self,
-        lalm: LALM,
-        sites: Sequence[str],
-        corpus_root: str,
-        audio_root: str | None = None,
-        position: str = "last",
-        prefixes: Sequence[str] = ("", "Listen carefully. ", "Here is a recording. "),
-        neutral_question: str = "Describe this audio.",
-        corpus_text: int = 200,
-        corpus_audio: int = 200,
-        cache_dir: str | None = None,
-        lr: float = 0.5,
-        steps: int = 25,
-        kl_weight: float = 0.0625,
-        weight_decay: float = 1e-3,
-        clamp_norm: float = 4.0,
-        regularisation: float = 1e-4,
-    ) -> None:
-        if not sites:
-            raise ValueError("ROME needs at least one edit site")
-        self.lalm = lalm
-        self.sites = [Site(lalm, s, position) for s in sites]
-        self.prefixes, self.neutral_question = list(prefixes), neutral_question
-        self.corpus = (corpus_root, audio_root, corpus_text, corpus_audio, cache_dir)
-        self.search = dict(
-            lr=lr, steps=steps, kl_weight=kl_weight, weight_decay=weight_decay, clamp_norm=clamp_norm
-        )
-        self.regularisation = regularisation
-        self._inverse: dict[str, torch.Tensor] = {}
-        lalm.model.requires_grad_(False)
+@dataclass(frozen=True)
+class ROMEHParams:
+    sites: tuple[str, ...]  # linear layers, edited in this order (llm.layers.<i>.mlp.down_proj, audio...)
+    position: str  # where keys are read: last | last_audio | audio (editors/locate.py)
+    prefixes: tuple[str, ...]  # context variants: the edit question after each
+    neutral_question: str | None  # KL on this question about the clip; None: no KL term
+    corpus: KeyCorpus  # the second moment C's questions
+    search: ValueSearch  # the target value's search
+    regularisation: float  # added to C, times its mean diagonal
 
-    def inverse_moment(self, site: Site) -> torch.Tensor:
+
+class ROME:
+    HParams = ROMEHParams
+
+    def __init__(self, lalm: LALM, hp: ROMEHParams, pool: TrainPool) -> None:
+        if not hp.sites:
+            raise ValueError("ROME needs at least one edit site")
+        self.lalm, self.hp, self.pool = lalm, hp, pool
+        self.sites = [LinearSite(lalm, s, hp.position) for s in hp.sites]
+        self._inverse: dict[str, torch.Tensor] = {}
+
+    def inverse_moment(self, site: LinearSite) -> torch.Tensor:
         """C^-1 (with `regularisation` times its mean diagonal added), computed once per site, on
         the unedited model (`apply` computes every site's before its first edit)."""
         if site.path not in self._inverse:
-            root, audio_root, n_text, n_audio, cache = self.corpus
-            c = second_moment(self.lalm, site, root, audio_root, n_text, n_audio, cache).float()
-            c = c + self.regularisation * c.diagonal().mean() * torch.eye(len(c), device=c.device)
+            c = second_moment(self.lalm, site, self.pool, self.hp.corpus).float()
+            c = c + self.hp.regularisation * c.diagonal().mean() * torch.eye(len(c), device=c.device)
             self._inverse[site.path] = torch.linalg.inv(c)
         return self._inverse[site.path]
 
-    def update(self, site: Site, request: EditRequest) -> torch.Tensor:
+    def update(self, site: LinearSite, request: EditRequest) -> torch.Tensor:
         """The rank-one dW of `site` for `request`, computed on the model as it is now."""
-        batch, neutral = edit_batches(self.lalm, request, self.prefixes, self.neutral_question)
+        batch, neutral = edit_batches(self.lalm, request, self.hp.prefixes, self.hp.neutral_question)
         keys, _, weights = site.keys_and_outputs(batch)
         neutral_weights = site.keys_and_outputs(neutral)[2] if neutral is not None else None
         delta, _ = search_delta(
-            self.lalm, site.module, batch, weights, neutral, neutral_weights, **self.search
+            self.lalm, site.module, batch, weights, neutral, neutral_weights, self.hp.search
         )
         k = keys.float().mean(0)
         ck = self.inverse_moment(site) @ k

@@ -17,19 +17,23 @@ admits it. Undo removes the edit's map, and the hook with the last one.
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from datamodules.audio_io import AudioResolver
-from datamodules.loader import SakeData
-from datamodules.schema import norm_label
-from editors.base import EditRequest
+from common import EditRequest, TrainPool
 from lalms.base import LALM, hidden, with_hidden
+from lalms.hooks import Trace
 from lalms.prompt import Prompt
+
+
+@dataclass(frozen=True)
+class SteeringHParams:
+    samples: int  # train-split questions per Gaussian
+    shrinkage: float  # covariance shrinkage towards the mean variance
+    radius_quantile: float  # the gate: this quantile of the source's Mahalanobis distances ...
+    radius_scale: float  # ... times this
+    seed: int  # which train-split questions are drawn
 
 
 def sqrtm(c: torch.Tensor) -> torch.Tensor:
@@ -68,31 +72,12 @@ class SteeringMap:
         return ((d @ self.precision) * d).sum(-1).clamp(min=0).sqrt()
 
 
-class OTSteering:
-    def __init__(
-        self,
-        lalm: LALM,
-        train_root: str,
-        audio_root: str | None = None,
-        samples: int = 32,
-        shrinkage: float = 0.2,
-        radius_quantile: float = 0.9,
-        radius_scale: float = 1.5,
-        seed: int = 0,
-    ) -> None:
-        self.lalm, self.samples, self.shrinkage = lalm, samples, shrinkage
-        self.radius_quantile, self.radius_scale, self.seed = radius_quantile, radius_scale, seed
-        es = lalm.edit_sites
-        self.layer = lalm.model.get_submodule(f"{es.llm_layers}.{es.num_llm_layers - 1}")
-        train = SakeData.load(train_root).train
-        if not train:
-            raise FileNotFoundError(f"{train_root}: no train split to fit the steering distributions on")
-        self.pool: dict[tuple[str, str], list] = defaultdict(list)  # (attribute, label) -> audio questions
-        for inst in train:
-            for q in (inst.reliability, *inst.generality):
-                if q.file is not None:
-                    self.pool[(inst.attribute, norm_label(inst.original))].append(q)
-        self.resolver = AudioResolver(audio_root or Path(train_root) / "audio")
+class Steering:
+    HParams = SteeringHParams
+
+    def __init__(self, lalm: LALM, hp: SteeringHParams, pool: TrainPool) -> None:
+        self.lalm, self.hp, self.pool = lalm, hp, pool
+        self.layer = lalm.model.get_submodule(lalm.edit_sites.resolve("llm.layers.-1"))
         self.maps: list[SteeringMap] = []
         self._hook = None
         self._paused = False
@@ -100,37 +85,30 @@ class OTSteering:
     # ------------------------------------------------------------------ fitting
     def states(self, prompts: list[Prompt]) -> torch.Tensor:
         """The unsteered last layer's output at the last prompt position, per prompt (float)."""
-        seen = {}
-        handle = self.layer.register_forward_hook(lambda m, a, out: seen.update(h=hidden(out)[:, -1]))
         self._paused = True
         try:
-            with torch.no_grad():
+            with Trace(self.layer) as t, torch.no_grad():
                 self.lalm.logits(self.lalm.to_device(self.lalm.encode(prompts)))
         finally:
-            handle.remove()
             self._paused = False
-        return seen["h"].float()
+        return t.output[:, -1].float()
 
     def prompts(self, attribute: str, label: str) -> list[Prompt]:
-        queries = list(self.pool.get((attribute, norm_label(label)), []))
-        if not queries:
+        prompts = self.pool.label_questions(attribute, label, self.hp.samples, self.hp.seed)
+        if not prompts:
             raise ValueError(f"steering: the train split has no {attribute} clips labelled {label!r}")
-        random.Random(f"{self.seed}:{attribute}:{label}").shuffle(queries)
-        rate = self.lalm.sampling_rate
-        return [
-            Prompt(q.question, audio=self.resolver.load(q.file, q.track, rate))
-            for q in queries[: self.samples]
-        ]
+        return prompts
 
     def fit(self, request: EditRequest) -> SteeringMap:
+        hp = self.hp
         source = self.states([request.prompt, *self.prompts(request.attribute, request.original)])
         target = self.states(self.prompts(request.attribute, request.target))
-        mu_s, c_s = gaussian(source, self.shrinkage)
-        mu_t, c_t = gaussian(target, self.shrinkage)
+        mu_s, c_s = gaussian(source, hp.shrinkage)
+        mu_t, c_t = gaussian(target, hp.shrinkage)
         a, b = monge_map(mu_s, c_s, mu_t, c_t)
         fitted = SteeringMap(a, b, mu_s, torch.linalg.inv(c_s), 0.0)
         distances = fitted.distance(source)
-        fitted.radius = self.radius_scale * float(torch.quantile(distances, self.radius_quantile))
+        fitted.radius = hp.radius_scale * float(torch.quantile(distances, hp.radius_quantile))
         return fitted
 
     # ------------------------------------------------------------------ steering
@@ -163,18 +141,18 @@ class OTSteering:
         last = self.states(prompts)
         return torch.stack([m.distance(last) <= m.radius for m in self.maps]).any(0)
 
-    def apply(self, request: EditRequest) -> SteeringEdit:
+    def apply(self, request: EditRequest) -> SteeringHandle:
         fitted = self.fit(request)  # on unsteered states
         self.maps.append(fitted)
         if self._hook is None:
             self._hook = self.layer.register_forward_hook(self._steer)
-        return SteeringEdit(self, fitted)
+        return SteeringHandle(self, fitted)
 
 
-class SteeringEdit:
+class SteeringHandle:
     """Undo removes the edit's map (and the hook with the last map)."""
 
-    def __init__(self, editor: OTSteering, fitted: SteeringMap) -> None:
+    def __init__(self, editor: Steering, fitted: SteeringMap) -> None:
         self.editor, self.fitted, self.done = editor, fitted, False
 
     def undo(self) -> None:

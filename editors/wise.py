@@ -30,14 +30,46 @@ the edit list exactly, and removes the routing hooks when no edit is left.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from editors.base import EditRequest
-from editors.preservation import preservation_prompts
+from common import EditRequest, TrainPool
+from editors.base import Preservation
 from lalms.base import LALM, answer_nll
+from lalms.hooks import Trace
 from lalms.prompt import Prompt
+
+
+@dataclass(frozen=True)
+class Margins:
+    """The activation-distance margins of an edit's loss."""
+
+    alpha: float  # out-of-scope distances below this
+    beta: float  # in-scope distances above this
+    gamma: float  # in-scope exceeding out-of-scope by this
+
+
+@dataclass(frozen=True)
+class MemoryTraining:
+    """How an edit trains its shard's memory."""
+
+    lr: float  # Adam on W'
+    steps: int
+    mask_ratio: float  # the share of W' entries an edit's gradient mask lets through
+    seed: int  # the gradient masks' seed (plus the edit's index)
+
+
+@dataclass(frozen=True)
+class WISEHParams:
+    layer: int  # the LLM layer whose MLP down-projection gets the side memory
+    preservation: Preservation  # the out-of-scope inputs of the margins
+    training: MemoryTraining
+    margins: Margins
+    act_ratio: float  # route to W' when d > act_ratio * the smallest in-scope distance
+    shards: int  # memories edits are dealt to round-robin
+    merge_density: float  # TIES: the share of each shard's largest entries kept
 
 
 def relevant(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_id: int) -> torch.Tensor:
@@ -75,55 +107,31 @@ def ties_merge(deltas: Sequence[torch.Tensor], density: float = 1.0) -> torch.Te
 
 
 class WISE:
-    def __init__(
-        self,
-        lalm: LALM,
-        layer: int,
-        preservation_root: str,
-        audio_root: str | None = None,
-        n_text: int = 10,
-        n_audio: int = 10,
-        lr: float = 1e-2,
-        steps: int = 30,
-        mask_ratio: float = 0.2,
-        alpha: float = 5.0,
-        beta: float = 20.0,
-        gamma: float = 10.0,
-        act_ratio: float = 0.88,
-        shards: int = 1,
-        merge_density: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        if shards < 1 or not 0 < merge_density <= 1:
+    HParams = WISEHParams
+
+    def __init__(self, lalm: LALM, hp: WISEHParams, pool: TrainPool) -> None:
+        if hp.shards < 1 or not 0 < hp.merge_density <= 1:
             raise ValueError(
-                f"WISE: shards must be >= 1 and merge_density in (0, 1], got {shards}, {merge_density}"
+                f"WISE: shards must be >= 1 and merge_density in (0, 1], got {hp.shards}, {hp.merge_density}"
             )
-        self.lalm, self.lr, self.steps, self.mask_ratio = lalm, lr, steps, mask_ratio
-        self.alpha, self.beta, self.gamma, self.act_ratio, self.seed = alpha, beta, gamma, act_ratio, seed
-        self.merge_density = merge_density
-        self.path = lalm.edit_sites.llm_mlp(layer, "down_proj")
+        self.lalm, self.hp, self.pool = lalm, hp, pool
+        self.path = lalm.edit_sites.llm_mlp(hp.layer, "down_proj")
         self.module = lalm.model.get_submodule(self.path)
         weight = self.module.weight.detach()
         self.side = weight.clone()  # W' = W + the merged shards
-        self.shards = [torch.zeros_like(weight) for _ in range(shards)]  # tau_j
+        self.shards = [torch.zeros_like(weight) for _ in range(hp.shards)]  # tau_j
         self._edits: list[torch.Tensor] = []  # each edit prompt's activations at its relevant rows
-        self._preservation = (preservation_root, audio_root, n_text, n_audio)
         self._out_x: tuple[torch.Tensor, torch.Tensor] | None = None  # preservation activations, mask
         self._mask: torch.Tensor | None = None  # relevant positions of the batch being run
         self._route: torch.Tensor | None = None  # per-sample decision, kept while generating
         self._hooks: list = []
-        lalm.model.requires_grad_(False)  # only the editor's own copies are trained
 
     # ------------------------------------------------------------------ activations
     def _forward(self, batch: dict[str, torch.Tensor], params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, the layer's inputs x) of one forward over an encoded batch."""
-        seen: list[torch.Tensor] = []
-        hook = self.module.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-        try:
+        with Trace(self.module, detach=False) as t:
             logits = self.lalm.logits(batch, params)
-        finally:
-            hook.remove()
-        return logits, seen[0]
+        return logits, t.input
 
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return relevant(input_ids, attention_mask, self.lalm.audio_token_id)
@@ -143,8 +151,7 @@ class WISE:
     def out_of_scope(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The preservation inputs' activations, computed on first use (or loaded)."""
         if self._out_x is None:
-            root, audio_root, n_text, n_audio = self._preservation
-            prompts = preservation_prompts(root, audio_root, n_text, n_audio, self.lalm.sampling_rate)
+            prompts = self.pool.preservation(self.hp.preservation.text, self.hp.preservation.audio)
             self._out_x = self.activations(prompts)
         return self._out_x
 
@@ -161,7 +168,7 @@ class WISE:
 
     @property
     def threshold(self) -> float:
-        return self.act_ratio * min(self.in_scope) if self._edits else float("inf")
+        return self.hp.act_ratio * min(self.in_scope) if self._edits else float("inf")
 
     # ------------------------------------------------------------------ export
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -207,43 +214,44 @@ class WISE:
         return self._route.clone() if self._route is not None else torch.zeros(len(prompts), dtype=torch.bool)
 
     # ------------------------------------------------------------------ editing
-    def apply(self, request: EditRequest) -> WiseEdit:
+    def apply(self, request: EditRequest) -> WISEHandle:
         out_x, out_mask = self.out_of_scope()
         n = len(self._edits)
         shard = n % len(self.shards)
         before = (shard, self.shards[shard].clone(), self.side.clone(), n)
         self._remove_hooks()  # the edit prompt trains through its shard's memory directly
-        g = torch.Generator().manual_seed(self.seed + n)
+        training, margins = self.hp.training, self.hp.margins
+        g = torch.Generator().manual_seed(training.seed + n)
         weight = self.module.weight.detach()
-        grad_mask = (torch.rand(weight.shape, generator=g) < self.mask_ratio).to(weight.device)
+        grad_mask = (torch.rand(weight.shape, generator=g) < training.mask_ratio).to(weight.device)
         memory = (weight + self.shards[shard]).requires_grad_(True)
-        optimizer = torch.optim.Adam([memory], lr=self.lr)
+        optimizer = torch.optim.Adam([memory], lr=training.lr)
         batch = self._encode([request.prompt], [request.target])
         in_mask = self.positions(batch["input_ids"], batch["attention_mask"])
         with torch.enable_grad():
-            for _ in range(self.steps):
+            for _ in range(training.steps):
                 logits, x_in = self._forward(batch, {f"{self.path}.weight": memory})
                 d_in = activation_distance(x_in, memory - weight, in_mask)
                 d_out = activation_distance(out_x, memory - weight, out_mask)
                 loss = answer_nll(logits, batch["labels"]) + (
-                    F.relu(d_out - self.alpha).mean()
-                    + F.relu(self.beta - d_in).mean()
-                    + F.relu(self.gamma - (d_in.mean() - d_out)).mean()
+                    F.relu(d_out - margins.alpha).mean()
+                    + F.relu(margins.beta - d_in).mean()
+                    + F.relu(margins.gamma - (d_in.mean() - d_out)).mean()
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 memory.grad *= grad_mask
                 optimizer.step()
         self.shards[shard] = memory.detach() - weight
-        self.side = weight + ties_merge(self.shards, self.merge_density)
+        self.side = weight + ties_merge(self.shards, self.hp.merge_density)
         with torch.no_grad():
             _, x = self._forward(batch)
         self._edits.append(x.detach()[0, in_mask[0]][None])
         self._install_hooks()
-        return WiseEdit(self, before)
+        return WISEHandle(self, before)
 
 
-class WiseEdit:
+class WISEHandle:
     """Undo restores the touched shard, the side memory and the edit list as they were."""
 
     def __init__(self, wise: WISE, before: tuple[int, torch.Tensor, torch.Tensor, int]) -> None:

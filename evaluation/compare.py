@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.files import write_atomic
+from common.files import write_atomic
 from evaluation.identity import differences
 from evaluation.records import METRICS
 from evaluation.report import HEADERS

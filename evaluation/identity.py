@@ -29,13 +29,13 @@ from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance
 
 # Keys of the evaluation config whose values change results (evaluate.yaml); `editor` counts
-# with its constructor config `editor.editor` only, `fabric` (how many processes) not at all.
+# with its method and hparams only, `fabric` (how many processes) not at all.
 CONFIG_KEYS = ("mode", "ckpt", "results", "runs", "model", "data", "judge", "sweeps", "sequential", "split",
                "max_new_tokens", "batch_size")  # fmt: skip
 # Data settings that only shape training batches.
 TRAINING_ONLY = ("batch_size", "num_workers", "shuffle_buffer", "seed")
-# Judge settings that decide how fast, not what (the key's variable name may also differ).
-THROUGHPUT_ONLY = ("max_concurrency", "max_retries", "timeout_s", "cache_path", "api_key_env")
+# Judge settings that decide how fast, not what: the connection's but its base_url, and the cache.
+THROUGHPUT_ONLY = ("max_concurrency", "max_retries", "timeout_s", "api_key_env")
 
 
 def digest(obj: Any, n: int = 16) -> str:
@@ -54,11 +54,19 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
     """The part of an evaluate.py config that changes results."""
     out = {k: _plain(cfg.get(k)) for k in CONFIG_KEYS if k in cfg}
     editor = cfg.get("editor")
-    out["editor"] = None if editor is None else _plain(editor.get("editor", editor.get("name")))
+    if editor is None:
+        out["editor"] = None
+    elif "method" in editor:
+        out["editor"] = {"method": editor.method, "hparams": _plain(editor.hparams)}
+    else:  # editor=none: the unedited model
+        out["editor"] = editor.name
     if isinstance(out.get("data"), dict):
         out["data"] = {k: v for k, v in out["data"].items() if k not in TRAINING_ONLY}
     if isinstance(out.get("judge"), dict):
-        out["judge"] = {k: v for k, v in out["judge"].items() if k not in THROUGHPUT_ONLY}
+        judge = {k: v for k, v in out["judge"].items() if k != "cache_path"}
+        if isinstance(judge.get("connection"), dict):
+            judge["connection"] = {k: v for k, v in judge["connection"].items() if k not in THROUGHPUT_ONLY}
+        out["judge"] = judge
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.files import fsync_dir
+from common.files import fsync_dir
 from datamodules.schema import CORRECTNESS_KINDS, EditInstance, Query
 from evaluation.degeneration import is_degenerate
 from evaluation.judges import ConsistencyCase, CorrectnessCase, Judge

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from datamodules.files import write_atomic
+from common.files import write_atomic
 from evaluation.records import METRICS
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from datamodules.files import write_atomic
+from common.files import write_atomic
 from datamodules.options import parse_options
 from datamodules.schema import ATTRIBUTES, SAKE_LABELS, SchemaError, norm_label
 from evaluation import metrics as M

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.progress import progress_bar
 from datamodules.examples import PromptMaker
 from datamodules.schema import Query
-from evaluation.progress import progress_bar
 from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)

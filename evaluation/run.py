@@ -23,7 +23,7 @@ from typing import Any
 
 from lightning.fabric import Fabric
 
-from datamodules.files import write_atomic
+from common.files import write_atomic
 from datamodules.schema import EditInstance
 from evaluation import metrics as M
 from evaluation import report

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from common import EditRequest
+from common.progress import progress_bar
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
 from datamodules.schema import EditInstance, Query
-from editors.base import EditHandle, Editor, EditRequest, in_context
+from editors.base import EditHandle, Editor, in_context
 from evaluation.judges import Judge
-from evaluation.progress import progress_bar
 from evaluation.records import QueryResult, ResultsLog, instance_id, judge_results
 from evaluation.responses import QueryKeys, ResponseCache, pre_edit_responses
 from lalms.base import LALM
@@ -55,9 +56,6 @@ class Sweeper:
     audio_cache_size: int = 512
 
     def __post_init__(self) -> None:
-        # Editors train their own copies (fine-tuned tensors, side memories, hypernetwork
-        # outputs); gradients for the base weights would only cost time and memory.
-        self.lalm.model.requires_grad_(False)
         self.prompt = PromptMaker(self.resolver, self.lalm.sampling_rate, self.audio_cache_size)
         self.key = QueryKeys(self.prompt, self.lalm.render, self.max_new_tokens)
         self._pre: dict[str, str] = {}

@@ -36,9 +36,11 @@ IGNORE_INDEX = -100
 class LALM(abc.ABC):
     """A large audio-language model behind the project's one interface.
 
-    `model` is the torch module editors read and edit (its parameters, submodules and forward);
-    `tokenizer` the LLM's. All public methods take batches of `Prompt`s; audio is checked (mono,
-    finite, float) and resampled to `sampling_rate`. An encoded batch holds `input_ids` (left
+    `model` is the torch module editors read and edit (its parameters, submodules and forward),
+    frozen: editors train their own copies of what they change (fine-tuned tensors, side
+    memories, hypernetwork outputs), and pretraining unfreezes it; `tokenizer` is the LLM's.
+    All public methods take batches of `Prompt`s; audio is checked (mono, finite, float) and
+    resampled to `sampling_rate`. An encoded batch holds `input_ids` (left
     padded), `attention_mask`, the audio inputs and, given answers, `labels`; the positions of
     audio in `input_ids` hold `audio_token_id`.
     """
@@ -60,7 +62,7 @@ class LALM(abc.ABC):
         name: str | None = None,
         max_new_tokens: int = 32,
     ) -> None:
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name or type(self).__name__.lower()  # short name for output folders
         self.edit_layers = tuple(edit_layers)  # LLM layers the hypernetwork editors edit

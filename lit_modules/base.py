@@ -46,20 +46,34 @@ def finite_everywhere(grads: list[torch.Tensor], trainer: L.Trainer) -> bool:
     return bool(trainer.strategy.reduce(local.float(), reduce_op="min") > 0)
 
 
-class LALMModule(L.LightningModule):
-    """Holds the adapter; its model is a registered submodule (moved, optimised, checkpointed).
-
-    Batches hold `Prompt`s with numpy audio; the adapter encodes them and moves the tensors to
-    the model's device itself, so Lightning's batch transfer is a no-op here.
-    """
+class TrainedLALMModule(L.LightningModule):
+    """Trains the LALM itself (pretraining): its model is a registered submodule (moved,
+    optimised, checkpointed) and is unfrozen here."""
 
     def __init__(self, lalm: LALM) -> None:
         super().__init__()
         self.lalm = lalm
-        self.model = lalm.model
+        self.model = lalm.model.requires_grad_(True)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch
+
+class FrozenLALMModule(L.LightningModule):
+    """Trains an editor around a frozen LALM (meta-training, calibration). The LALM is not a
+    submodule: it is neither optimised nor in checkpoints, which hold the editor only; it is
+    moved to the module's device when fitting or validating starts."""
+
+    def __init__(self, lalm: LALM) -> None:
+        super().__init__()
+        self.lalm = lalm
+
+    def _place_base_model(self) -> None:
+        if self.lalm.device != self.device:
+            self.lalm.model.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_base_model()
+
+    def on_validation_start(self) -> None:
+        self._place_base_model()
 
 
 class ExportConflict(FileExistsError):
@@ -71,7 +85,7 @@ class ExportEditor(L.Callback):
 
     Every trained editor (MEND and KE's networks, WISE and UnKE's calibrations) exports to the
     same layout, so `evaluate.py ckpt=<out_dir>` loads each alike. The export records the
-    training `recipe` (lit_modules/hydra_utils.py: train_recipe) and never replaces an export of
+    training `recipe` (cli/config.py: train_recipe) and never replaces an export of
     another recipe: that is refused before training starts, naming what differs.
     """
 

@@ -9,9 +9,11 @@ logging as the hypernetwork editors:
 - at the start of validation the records of all ranks are gathered and `choose` picks the
   settings from them; `validation_step` runs the validation split's edits under them (and under
   whatever the subclass compares them with) and records the outcome;
-- at the end of validation `score` summarises the held-out figures, which are logged and go
-  into the export with the chosen values (`ExportEditor` -> `export`), so that
+- at the end of validation `score` gives the held-out figures and the values they choose,
+  which are logged and go into the export (`ExportEditor` -> `export`), so that
   `evaluate.py ckpt=` builds the editor with them and reports them.
+Chosen values are nested like the editor's hparams ({"margins": {"alpha": ...}}) and written
+over them.
 Nothing is optimised by gradient. The records are module state saved in Lightning checkpoints,
 so a run resumed from `last.ckpt` keeps the edits already done.
 """
@@ -29,25 +31,33 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from common import TrainPool
 from datamodules.examples import EditExample
 from editors.checkpoint import save_calibrated
 from editors.registry import build
 from lalms.base import LALM, greedy_hits
-from lit_modules.base import data_info, plain, run_info
+from lit_modules.base import FrozenLALMModule, data_info, plain, run_info
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 
 
-class CalibrationModule(L.LightningModule, abc.ABC):
-    def __init__(self, lalm: LALM, editor: Mapping[str, Any]) -> None:
-        """Subclasses save their hyperparameters (`save_hyperparameters`, configs as plain data)
-        after calling this."""
-        super().__init__()
+def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` written over it, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+class CalibrationModule(FrozenLALMModule, abc.ABC):
+    def __init__(self, lalm: LALM, pool: TrainPool, method: str, hparams: Mapping[str, Any]) -> None:
+        """The editor is `method` with `hparams` (the editor's: editor.method, editor.hparams).
+        Subclasses save their hyperparameters (`save_hyperparameters`, plain data) after this."""
+        super().__init__(lalm)
         self.automatic_optimization = False
-        self.lalm = lalm  # not a submodule: the base model stays out of checkpoints
-        lalm.model.requires_grad_(False)
-        self.editor_cfg: dict[str, Any] = plain(editor)
+        self.pool = pool
+        self.method, self.editor_hparams = method, plain(hparams)
         self.records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self.chosen: dict[str, Any] | None = None  # the calibrated values
         self.summary: dict[str, Any] = {}  # figures behind the choice, exported with it
@@ -55,9 +65,10 @@ class CalibrationModule(L.LightningModule, abc.ABC):
         self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
         self.skipped_records = 0
 
-    def build(self, **overrides: Any) -> Any:
-        """The editor of the config with `overrides`, on this module's model."""
-        return build({**self.editor_cfg, **overrides}, "editor.module.editor", "editor", lalm=self.lalm)
+    def build(self, changes: Mapping[str, Any] | None = None) -> Any:
+        """The editor of the config with `changes` (nested like its hparams), on this module's model."""
+        hp = merged(self.editor_hparams, changes or {})
+        return build(self.method, hp, self.lalm, self.pool, "editor.module", "hparams")
 
     # ------------------------------------------------------------------ what subclasses define
     @abc.abstractmethod
@@ -70,24 +81,14 @@ class CalibrationModule(L.LightningModule, abc.ABC):
         """(the calibrated config values, figures behind them) from the train records."""
 
     @abc.abstractmethod
-    def score(self, val: list[dict[str, Any]]) -> dict[str, float]:
-        """Held-out figures of the chosen values from the validation records."""
+    def score(self, val: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:
+        """(held-out figures, the values they choose) from the validation records."""
 
     @abc.abstractmethod
     def exported_editor(self) -> Any:
         """The editor under the chosen values whose cached state is exported."""
 
     # ------------------------------------------------------------------ the loop
-    def on_fit_start(self) -> None:
-        if self.lalm.device != self.device:
-            self.lalm.model.to(self.device)
-
-    def on_validation_start(self) -> None:
-        self.on_fit_start()
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # prompts with numpy audio; the adapter encodes and moves them
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # A no-op optimiser (the anchor never gets a gradient): stepping it counts the batch in
         # global_step, which drives step-based checkpoints (resume), logging and max_steps.
@@ -153,7 +154,7 @@ class CalibrationModule(L.LightningModule, abc.ABC):
             return
         val = self.gathered("val")
         if val:
-            held_out = self.score(val)
+            held_out, self.chosen = self.score(val)
             self.summary["val"] = {**held_out, "edits": len({r["edit"] for r in val})}
             self.log_dict({f"val/{k}": float(v) for k, v in held_out.items()}, rank_zero_only=True)
 
@@ -167,10 +168,10 @@ class CalibrationModule(L.LightningModule, abc.ABC):
     def export(self, out_dir: Path, trainer: L.Trainer, recipe: Mapping[str, Any] | None = None) -> Path:
         if self.chosen is None:
             raise RuntimeError("export before calibration: the training epoch did not finish")
-        config = {**self.editor_cfg, **self.chosen}
+        hp = merged(self.editor_hparams, self.chosen)
         name = self.editor_name
         out = save_calibrated(
-            self.exported_editor(), config, out_dir, name, data_info(trainer), run_info(trainer),
+            self.exported_editor(), self.method, hp, out_dir, name, data_info(trainer), run_info(trainer),
             {"chosen": self.chosen, **self.summary}, recipe,
         )  # fmt: skip
         log.info("exported the calibrated %s editor (%s) to %s", name, self.chosen, out)
@@ -184,7 +185,7 @@ class CalibrationModule(L.LightningModule, abc.ABC):
 
     @property
     def editor_name(self) -> str:
-        return self.editor_cfg["_target_"].rsplit(".", 1)[-1].lower()
+        return self.method.rsplit(".", 1)[-1].lower()
 
 
 def _finite(value: Any) -> bool:

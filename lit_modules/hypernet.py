@@ -32,17 +32,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
+from common import EditRequest, TrainPool
 from datamodules.examples import EditExample
-from editors.base import EditRequest
 from editors.checkpoint import save_editor
-from editors.hypernet import HyperNetwork, per_row_nll
+from editors.hypernet import HyperNetwork
 from editors.registry import build
-from lalms.base import IGNORE_INDEX, LALM, greedy_hits
+from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits
 from lalms.prompt import Prompt
-from lit_modules.base import data_info, finite_everywhere, plain, refuse_fp16, run_info
+from lit_modules.base import FrozenLALMModule, data_info, finite_everywhere, plain, refuse_fp16, run_info
 
 log = logging.getLogger(__name__)
 
@@ -95,43 +94,32 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-class HypernetModule(L.LightningModule, abc.ABC):
+class HypernetModule(FrozenLALMModule, abc.ABC):
     """Meta-training loop shared by the hypernetwork editors (manual optimisation)."""
 
     def __init__(
         self,
         lalm: LALM,
-        network: DictConfig | dict,
-        locality_per_edit: int | None = 2,
-        max_grad_norm: float = 1.0,
-        seed: int = 0,
+        pool: TrainPool,
+        method: str,
+        hparams: Mapping[str, Any],
+        locality_per_edit: int | None,
+        max_grad_norm: float,
+        seed: int,
     ) -> None:
-        """Subclasses save their hyperparameters (`save_hyperparameters`, `network` as plain
-        data) after calling this."""
-        super().__init__()
+        """The network is `method` with `hparams` (the editor's: editor.method, editor.hparams).
+        Subclasses save their hyperparameters (`save_hyperparameters`, plain data) after this."""
+        super().__init__(lalm)
         self.automatic_optimization = False
-        self.lalm = lalm  # not an nn.Module: the base model stays out of parameters and checkpoints
-        lalm.model.requires_grad_(False)
-        self.network_cfg: dict[str, Any] = plain(network)
-        self.net: HyperNetwork = build(self.network_cfg, "editor.module.network", "network", lalm=lalm)
+        self.method, self.network_hparams = method, plain(hparams)
+        self.net: HyperNetwork = build(method, self.network_hparams, lalm, pool, "editor.module", "hparams")
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         # Validation means over all edits (and all DDP ranks), logged once per validation run.
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in METRICS})
 
-    # ------------------------------------------------------------------ devices
-    def _place_base_model(self) -> None:
-        if self.lalm.device != self.device:
-            self.lalm.model.to(self.device)
-
     def on_fit_start(self) -> None:
         refuse_fp16(self.trainer, f"meta-training {type(self.net).__name__}")
-        self._place_base_model()
-
-    def on_validation_start(self) -> None:
-        self._place_base_model()
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # prompts with numpy audio; the adapter encodes and moves them
+        super().on_fit_start()
 
     # ------------------------------------------------------------------ the meta step
     def meta_step(self, batch: MetaBatch) -> dict[str, torch.Tensor]:
@@ -148,7 +136,7 @@ class HypernetModule(L.LightningModule, abc.ABC):
         }
         edited = torch.tensor([i for i, k in enumerate(kinds) if k != "locality"], dtype=torch.long)
 
-        out: dict[str, torch.Tensor] = {"edit_loss": per_row_nll(post[edited], labels[edited]).mean()}
+        out: dict[str, torch.Tensor] = {"edit_loss": answer_nll(post[edited], labels[edited])}
         answer = answer_positions(labels)
         success = greedy_hits(post, labels).float()
         for k in ("edit", "text_equiv", "audio_equiv"):
@@ -241,8 +229,9 @@ class HypernetModule(L.LightningModule, abc.ABC):
             current = {k: v.detach().clone() for k, v in net.state_dict().items()}
             net.load_state_dict(state)
         training = {**run_info(trainer), "weights": source}
+        name = type(net).__name__.lower()
         out = save_editor(
-            net, self.network_cfg, out_dir, type(net).__name__.lower(), data_info(trainer), training, recipe
+            net, self.method, self.network_hparams, out_dir, name, data_info(trainer), training, recipe
         )
         if state is not None:
             net.load_state_dict(current)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from common import TrainPool
 from lalms.base import LALM
 from lit_modules.base import plain
 from lit_modules.hypernet import HypernetModule
@@ -21,20 +22,22 @@ class KEModule(HypernetModule):
     def __init__(
         self,
         lalm: LALM,
-        network: Mapping[str, Any],
-        locality_per_edit: int | None = 2,
-        max_grad_norm: float = 1.0,
-        seed: int = 0,
-        lr: float = 3e-4,
-        margin_max: float = 1e-3,
-        margin_min: float = 1e-5,
-        margin_shrink: float = 0.8,
-        shrink_at: float = 0.9,
-        lagrange_lr: float = 1e-2,
+        pool: TrainPool,
+        method: str,
+        hparams: Mapping[str, Any],
+        locality_per_edit: int | None,
+        max_grad_norm: float,
+        seed: int,
+        lr: float,
+        margin_max: float,
+        margin_min: float,
+        margin_shrink: float,
+        shrink_at: float,
+        lagrange_lr: float,
     ) -> None:
-        network = plain(network)  # saved as plain data: checkpoints load with weights_only=True
-        super().__init__(lalm, network, locality_per_edit, max_grad_norm, seed)
-        self.save_hyperparameters(ignore=["lalm"])
+        hparams = plain(hparams)  # saved as plain data: checkpoints load with weights_only=True
+        super().__init__(lalm, pool, method, hparams, locality_per_edit, max_grad_norm, seed)
+        self.save_hyperparameters(ignore=["lalm", "pool"])
         # Buffers: a resumed run continues with the same multiplier and margin.
         self.register_buffer("lagrange", torch.zeros(()))
         self.register_buffer("margin", torch.tensor(float(margin_max)))

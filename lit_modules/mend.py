@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from common import TrainPool
 from lalms.base import LALM
 from lit_modules.base import plain
 from lit_modules.hypernet import HypernetModule
@@ -16,18 +17,20 @@ class MENDModule(HypernetModule):
     def __init__(
         self,
         lalm: LALM,
-        network: Mapping[str, Any],
-        locality_per_edit: int | None = 2,
-        max_grad_norm: float = 1.0,
-        seed: int = 0,
-        lr: float = 1e-6,
-        lr_lr: float = 1e-4,
-        cedit: float = 0.1,
-        cloc: float = 1.0,
+        pool: TrainPool,
+        method: str,
+        hparams: Mapping[str, Any],
+        locality_per_edit: int | None,
+        max_grad_norm: float,
+        seed: int,
+        lr: float,
+        lr_lr: float,
+        cedit: float,
+        cloc: float,
     ) -> None:
-        network = plain(network)  # saved as plain data: checkpoints load with weights_only=True
-        super().__init__(lalm, network, locality_per_edit, max_grad_norm, seed)
-        self.save_hyperparameters(ignore=["lalm"])
+        hparams = plain(hparams)  # saved as plain data: checkpoints load with weights_only=True
+        super().__init__(lalm, pool, method, hparams, locality_per_edit, max_grad_norm, seed)
+        self.save_hyperparameters(ignore=["lalm", "pool"])
 
     def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.hparams.cedit * out["edit_loss"] + self.hparams.cloc * out["loc_loss"]

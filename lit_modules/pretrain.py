@@ -14,12 +14,12 @@ import torch
 
 from evaluation.exact import exact_match
 from lalms.base import LALM
-from lit_modules.base import LALMModule, finite_everywhere, refuse_fp16
+from lit_modules.base import TrainedLALMModule, finite_everywhere, refuse_fp16
 
 log = logging.getLogger(__name__)
 
 
-class TinyPretrainModule(LALMModule):
+class TinyPretrainModule(TrainedLALMModule):
     """Teacher-forced answer NLL on mixed pretraining tasks; greedy exact-match accuracy in validation."""
 
     def __init__(

@@ -3,11 +3,11 @@
 For each train edit and each candidate learning rate, stage 1 runs for at most `max_steps` with a
 loose norm bound (`max_clamp`) and stops at the first step whose delta makes greedy decoding give
 the target; the record is that step and |delta| / |h| then (or unsolved). The rule's values:
-- key_lr: the candidate that solves the most edits (ties: the fewest steps at the median);
-- key_steps: `margin` times the steps that a `coverage` share of its solved edits needed, so
+- target.lr: the candidate that solves the most edits (ties: the fewest steps at the median);
+- target.steps: `margin` times the steps that a `coverage` share of its solved edits needed, so
   that the target state lies past the decision boundary, not on it (stage 2 only approximates
   it);
-- clamp_norm: `margin` times the |delta| / |h| that a `coverage` share of them needed.
+- target.clamp_norm: `margin` times the |delta| / |h| that a `coverage` share of them needed.
 Stage 1 alone is not the goal: what counts is the edit after stage 2, which only approximates
 the target state. So on the validation split each edit is made end to end (stage 1 + 2) under
 the rule's values and under the config's, and scored by whether greedy decoding then gives the
@@ -26,12 +26,14 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common import TrainPool
 from datamodules.examples import EditExample
+from editors.unke import TargetSearch
 from lalms.base import LALM
 from lit_modules.base import plain
 from lit_modules.calibration import CalibrationModule, edit_key
 
-SETTINGS = ("key_lr", "key_steps", "clamp_norm")  # what the calibration sets
+SETTINGS = ("lr", "steps", "clamp_norm")  # what the calibration sets, of the hparams' `target`
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -44,21 +46,23 @@ class UnKECalibration(CalibrationModule):
     def __init__(
         self,
         lalm: LALM,
-        editor: Mapping[str, Any],
-        key_lrs: Sequence[float] = (0.1, 0.5, 1.0),
-        max_steps: int = 60,
-        max_clamp: float = 16.0,
-        coverage: float = 0.95,
-        margin: float = 1.5,
+        pool: TrainPool,
+        method: str,
+        hparams: Mapping[str, Any],
+        key_lrs: Sequence[float],
+        max_steps: int,
+        max_clamp: float,
+        coverage: float,
+        margin: float,
     ) -> None:
-        editor, key_lrs = plain(editor), plain(key_lrs)  # checkpoints hold plain data only
-        super().__init__(lalm, editor)
+        hparams, key_lrs = plain(hparams), plain(key_lrs)  # checkpoints hold plain data only
+        super().__init__(lalm, pool, method, hparams)
         if not key_lrs or not 0 < coverage <= 1 or margin < 1:
             raise ValueError(f"UnKE calibration: key_lrs non-empty, coverage in (0, 1], margin >= 1; got "
                              f"{list(key_lrs)}, {coverage}, {margin}")  # fmt: skip
         self.key_lrs, self.max_steps, self.max_clamp = [float(x) for x in key_lrs], max_steps, max_clamp
         self.coverage, self.margin = coverage, margin
-        self.save_hyperparameters(ignore=["lalm"])
+        self.save_hyperparameters(ignore=["lalm", "pool"])
         self._unke: Any = None
         self._editors: dict[tuple, Any] = {}
 
@@ -70,25 +74,25 @@ class UnKECalibration(CalibrationModule):
         return self._unke
 
     def compared(self) -> dict[str, dict[str, Any]]:
-        """The stage-1 settings validation compares: the rule's and the config's."""
-        config = self.unke()
-        return {"calibrated": dict(self.summary["rule"]),
-                "config": {k: getattr(config, k) for k in SETTINGS}}  # fmt: skip
+        """The stage-1 settings validation compares (of the hparams' `target`): the rule's and
+        the config's."""
+        config = self.editor_hparams["target"]
+        return {"calibrated": dict(self.summary["rule"]), "config": {k: config[k] for k in SETTINGS}}
 
     def editor(self, settings: dict[str, Any]) -> Any:
         """An UnKE under `settings`, sharing the config editor's preserved keys."""
         key = tuple(sorted(settings.items()))
         if key not in self._editors:
-            self._editors[key] = self.build(**settings)
+            self._editors[key] = self.build({"target": settings})
             self._editors[key].load_state_dict(self.unke().state_dict())
         return self._editors[key]
 
     def _search(self, example: EditExample, lr: float) -> tuple[int | None, float | None]:
         """(first solved step, |delta|/|h| then) of stage 1 on the example's edit at rate `lr`."""
-        batch, pos = self.unke().edit_batch(example.edit.prompt, example.instance.target)
-        _, _, trace = self.unke().target_state(
-            batch, pos, lr=lr, steps=self.max_steps, clamp_norm=self.max_clamp, until_solved=True
-        )
+        unke = self.unke()
+        batch, pos = unke.edit_batch(example.edit.prompt, example.instance.target)
+        search = TargetSearch(lr, self.max_steps, unke.hp.target.weight_decay, self.max_clamp)
+        _, _, trace = unke.target_state(batch, pos, search, until_solved=True)
         return trace.solved_at, trace.norm
 
     def record(self, examples: Sequence[EditExample], split: str) -> list[dict[str, Any]]:
@@ -139,15 +143,14 @@ class UnKECalibration(CalibrationModule):
                 f"with learning rates {self.key_lrs} in {self.max_steps} steps; widen key_lrs or max_steps"
             )
         rule = {
-            "key_lr": best["key_lr"],
-            "key_steps": min(
-                self.max_steps, max(1, math.ceil(self.margin * (best["steps_at_coverage"] + 1)))
-            ),
+            "lr": best["key_lr"],
+            "steps": min(self.max_steps, max(1, math.ceil(self.margin * (best["steps_at_coverage"] + 1)))),
             "clamp_norm": round(min(self.max_clamp, self.margin * best["norm_at_coverage"]), 4),
         }
-        return rule, {"candidates": per, "coverage": self.coverage, "margin": self.margin, "rule": dict(rule)}
+        summary = {"candidates": per, "coverage": self.coverage, "margin": self.margin, "rule": dict(rule)}
+        return {"target": rule}, summary
 
-    def score(self, val: list[dict[str, Any]]) -> dict[str, float]:
+    def score(self, val: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:
         """End-to-end reliability and generality of each compared setting; the better is chosen."""
         figures: dict[str, float] = {}
         for setting in self.compared():
@@ -158,9 +161,8 @@ class UnKECalibration(CalibrationModule):
             self.compared(),
             key=lambda s: (figures[f"{s}/reliability"], figures[f"{s}/generality"], s == "config"),
         )
-        self.chosen = self.compared()[winner]
         self.summary["validated"] = winner
-        return {**figures, "kept_config": float(winner == "config")}
+        return {**figures, "kept_config": float(winner == "config")}, {"target": self.compared()[winner]}
 
     def exported_editor(self) -> Any:
         return self.unke()

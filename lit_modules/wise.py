@@ -19,30 +19,38 @@ from typing import Any
 
 import torch
 
+from common import TrainPool
 from datamodules.examples import EditExample
 from lalms.base import LALM
 from lit_modules.base import plain
 from lit_modules.calibration import CalibrationModule, best_threshold, edit_key
 
+MARGINS = ("alpha", "beta", "gamma")
+
 
 class WISECalibration(CalibrationModule):
     def __init__(
-        self, lalm: LALM, editor: Mapping[str, Any], candidates: Sequence[Mapping[str, float]] = ()
+        self,
+        lalm: LALM,
+        pool: TrainPool,
+        method: str,
+        hparams: Mapping[str, Any],
+        candidates: Sequence[Mapping[str, float]],
     ) -> None:
-        editor, candidates = plain(editor), plain(candidates)  # checkpoints hold plain data only
-        super().__init__(lalm, editor)
-        margins = ("alpha", "beta", "gamma")
-        self.candidates = [dict(c) for c in candidates] or [{k: self.editor_cfg[k] for k in margins}]
+        """`candidates`: margin settings (alpha, beta, gamma) tried; [] tries the config's."""
+        hparams, candidates = plain(hparams), plain(candidates)  # checkpoints hold plain data only
+        super().__init__(lalm, pool, method, hparams)
+        self.candidates = [dict(c) for c in candidates] or [dict(self.editor_hparams["margins"])]
         for c in self.candidates:
-            if set(c) - set(margins):
-                raise ValueError(f"WISE calibration candidates set {margins}, got {sorted(c)}")
-        self.save_hyperparameters(ignore=["lalm"])
+            if set(c) != set(MARGINS):
+                raise ValueError(f"WISE calibration candidates set {MARGINS}, got {sorted(c)}")
+        self.save_hyperparameters(ignore=["lalm", "pool"])
         self._editors: list[Any] | None = None
 
     def editors(self) -> list[Any]:
         """One WISE per candidate, sharing the preservation activations (computed once)."""
         if self._editors is None:
-            self._editors = [self.build(**c) for c in self.candidates]
+            self._editors = [self.build({"margins": c}) for c in self.candidates]
             shared = self._editors[0].state_dict()
             for wise in self._editors[1:]:
                 wise.load_state_dict(shared)
@@ -89,10 +97,11 @@ class WISECalibration(CalibrationModule):
 
     @staticmethod
     def _pick(per: list[dict[str, Any]], split: str) -> dict[str, Any]:
+        """The chosen values, nested like WISE's hparams."""
         best = max(per, key=lambda p: p[f"{split}_routing"] * p[f"{split}_success"])
-        return {k: best[k] for k in ("alpha", "beta", "gamma", "act_ratio")}
+        return {"margins": {k: best[k] for k in MARGINS}, "act_ratio": best["act_ratio"]}
 
-    def score(self, val: list[dict[str, Any]]) -> dict[str, float]:
+    def score(self, val: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:
         """Every candidate under its train threshold on the held-out edits; the best is chosen."""
         figures = {}
         for c, p in enumerate(self._per_candidate):
@@ -103,10 +112,17 @@ class WISECalibration(CalibrationModule):
             p["val_success"] = round(sum(success) / len(success), 4)
             figures |= {f"candidate{c}/routing": p["val_routing"], f"candidate{c}/success": p["val_success"]}
             self._histograms(c, inside, outside)
-        self.chosen = self._pick(self._per_candidate, "val")
-        best = next(p for p in self._per_candidate if all(p[k] == v for k, v in self.chosen.items()))
-        return {**figures, "routing": best["val_routing"], "success": best["val_success"],
-                "act_ratio": best["act_ratio"]}  # fmt: skip
+        chosen = self._pick(self._per_candidate, "val")
+        best = next(
+            p for p in self._per_candidate
+            if p["act_ratio"] == chosen["act_ratio"] and all(p[k] == v for k, v in chosen["margins"].items())
+        )  # fmt: skip
+        figures |= {
+            "routing": best["val_routing"],
+            "success": best["val_success"],
+            "act_ratio": best["act_ratio"],
+        }
+        return figures, chosen
 
     def _histograms(self, c: int, inside: torch.Tensor, outside: torch.Tensor) -> None:
         experiment = getattr(self.logger, "experiment", None)

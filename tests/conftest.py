@@ -62,6 +62,14 @@ def shipped_lalm():
     return Qwen2Audio.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-lalm"))
 
 
+@pytest.fixture(scope="session")
+def pool(mini_dir):
+    """The small SAKE-mini build's train split, as editors draw on it (at 16 kHz)."""
+    from datamodules.pool import SakeTrainPool
+
+    return SakeTrainPool(mini_dir, None, 16000)
+
+
 @pytest.fixture(scope="module")
 def mini(mini_dir):
     """The small SAKE-mini build, loaded."""

@@ -7,18 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import EditRequest
 from datamodules import AudioResolver
-from editors.base import ContextEdit, EditRequest, in_context
-from editors.finetune import FineTune
-from editors.ie_ike import DemonstrationIKE
-from editors.ike import InstructionIKE
-from editors.unke import UnKE, hidden
-from editors.wise import WISE
+from editors.base import ContextHandle, in_context
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import ResultsLog
 from evaluation.responses import ResponseCache
 from evaluation.sweep import Sweeper, request
+from lalms.base import hidden
 from lalms.prompt import Prompt
+from tests.helpers import configured
 
 
 def sweeper(lalm, editor, mini_dir) -> Sweeper:
@@ -26,11 +24,11 @@ def sweeper(lalm, editor, mini_dir) -> Sweeper:
     return Sweeper(lalm, editor, RuleJudge(), AudioResolver(Path(mini_dir) / "audio"), cache, 8, 64)
 
 
-@pytest.mark.parametrize(("site", "lr"), [("llm.layers.-1", 1e-3), ("connector", 1e-2)])
+@pytest.mark.parametrize(("name", "site"), [("ft_llm", "llm.layers.-1"), ("ft_audio", "connector")])
 def test_fine_tuning_edits_then_restores_every_parameter_bitwise(
-    shipped_lalm, mini, mini_dir, tmp_path, site, lr
+    shipped_lalm, pool, mini, mini_dir, tmp_path, name, site
 ):
-    editor = FineTune(shipped_lalm, site=site, lr=lr, max_steps=15)
+    editor = configured(name, shipped_lalm, pool)
     prefix = shipped_lalm.edit_sites.resolve(site) + "."
     assert editor.param_names and all(n.startswith(prefix) for n in editor.param_names)
     before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
@@ -47,14 +45,16 @@ def test_fine_tuning_edits_then_restores_every_parameter_bitwise(
         assert sum(reliability) >= 3
 
 
-def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped_lalm, mini, mini_dir):
+def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped_lalm, pool, mini, mini_dir):
     inst = mini.test[0]
     sw = sweeper(shipped_lalm, None, mini_dir)
     req = request(inst, sw.prompt(inst.reliability))
-    editor = FineTune(shipped_lalm, lr=1e-3, max_steps=15, stop_loss=1e9)  # any loss is low enough
+    editor = configured(
+        "ft_llm", shipped_lalm, pool, "editor.hparams.stop_loss=1e9"
+    )  # any loss is low enough
     editor.apply(req).undo()
     assert editor.steps_taken == [0]
-    editor = FineTune(shipped_lalm, lr=1e-3, max_steps=15, stop_loss=0.0)  # never low enough
+    editor = configured("ft_llm", shipped_lalm, pool, "editor.hparams.stop_loss=0.0")  # never low enough
     handle = editor.apply(req)
     assert editor.steps_taken == [15]
     with torch.no_grad():
@@ -62,21 +62,21 @@ def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped_lalm, mini, mini_di
     handle.undo()
 
 
-def test_fine_tuning_rejects_a_bad_site(shipped_lalm):
+def test_fine_tuning_rejects_a_bad_site(shipped_lalm, pool):
     with pytest.raises(KeyError, match="must start with llm.layers"):
-        FineTune(shipped_lalm, site="decoder.layers.0")
+        configured("ft_llm", shipped_lalm, pool, "editor.hparams.site=decoder.layers.0")
 
 
 def req(attribute="emotion", original="sad", target="happy", question="How does the speaker feel?"):
     return EditRequest(prompt=Prompt(question), target=target, original=original, attribute=attribute)
 
 
-def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped_lalm):
+def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped_lalm, pool):
     before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
-    editor = InstructionIKE(shipped_lalm)
+    editor = configured("i_ike", shipped_lalm, pool)
     first = editor.apply(req())
     second = editor.apply(req("animal", "frog", "dog"))
-    assert isinstance(first, ContextEdit)
+    assert isinstance(first, ContextHandle)
     p = in_context([first, second], Prompt("Which animal?"))
     assert p.system.startswith("You are a helpful assistant.\n")
     assert p.system.index("perceived as sad") < p.system.index("perceived as frog")
@@ -92,8 +92,8 @@ def test_instruction_ike_edits_through_the_system_prompt_and_accumulates(shipped
         editor.apply(req("timbre"))
 
 
-def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped_lalm, mini, mini_dir):
-    editor = DemonstrationIKE(shipped_lalm, str(mini_dir), max_history=None)
+def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped_lalm, pool, mini, mini_dir):
+    editor = configured("ie_ike", shipped_lalm, pool, "editor.hparams.max_history=null")
     for inst in (next(i for i in mini.test if i.attribute == "gender"), mini.test[-1]):
         r = request(inst, Prompt(inst.reliability.question))
         demos = editor.demonstrations(r)
@@ -105,9 +105,9 @@ def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped_lalm, mini
         pair = (inst.attribute, inst.original.casefold(), inst.target.casefold())
         pairs = {(i.attribute, i.original.casefold(), i.target.casefold()) for i in mini.train}
         if pair in pairs:  # the same (original, target) pair when the train split has one
-            assert (source.attribute, source.original.casefold(), source.target.casefold()) == pair
+            assert (inst.attribute, source.original.casefold(), source.target.casefold()) == pair
         else:  # else an instance of the same original label
-            assert (source.attribute, source.original.casefold()) == pair[:2]
+            assert source.original.casefold() == pair[1]
         p = in_context([editor.apply(r)], Prompt("q"))
         assert p.history == demos and "from now on" in p.system
         # the dialogue fits the model's context and generates an answer
@@ -117,15 +117,15 @@ def test_demonstration_ike_retrieves_the_same_pair_with_audio(shipped_lalm, mini
         assert isinstance(answer, str)
 
 
-def test_demonstration_history_keeps_the_most_recent_turns(shipped_lalm, mini, mini_dir):
-    editor = DemonstrationIKE(shipped_lalm, str(mini_dir), max_history=10)
+def test_demonstration_history_keeps_the_most_recent_turns(shipped_lalm, pool, mini, mini_dir):
+    editor = configured("ie_ike", shipped_lalm, pool)  # max_history: 10
     a, b = (request(i, Prompt(i.reliability.question)) for i in (mini.test[0], mini.test[-1]))
     p = in_context([editor.apply(a), editor.apply(b)], Prompt("q"))
     assert len(p.history) == 10 and p.history[-1] == editor.demonstrations(b)[-1]
 
 
-def test_the_sweep_asks_every_query_in_the_edit_context(shipped_lalm, mini, mini_dir, tmp_path):
-    sw = sweeper(shipped_lalm, InstructionIKE(shipped_lalm), mini_dir)
+def test_the_sweep_asks_every_query_in_the_edit_context(shipped_lalm, pool, mini, mini_dir, tmp_path):
+    sw = sweeper(shipped_lalm, configured("i_ike", shipped_lalm, pool), mini_dir)
     asked: list[Prompt] = []
     generate = sw.generate
     sw.prepare(mini.test[:1])  # pre-edit answers: asked without the edit
@@ -140,8 +140,9 @@ def test_the_sweep_asks_every_query_in_the_edit_context(shipped_lalm, mini, mini
 
 
 @pytest.fixture(scope="module")
-def wise(shipped_lalm, mini_dir):
-    return WISE(shipped_lalm, -2, str(mini_dir), n_text=4, n_audio=4, lr=0.1, steps=40)
+def wise(shipped_lalm, pool):
+    smaller = ("editor.hparams.preservation.text=4", "editor.hparams.preservation.audio=4")
+    return configured("wise", shipped_lalm, pool, *smaller, "editor.hparams.training.steps=40")
 
 
 def test_wise_routes_each_sample_of_a_mixed_batch_on_its_own(shipped_lalm, mini, mini_dir, wise):
@@ -180,9 +181,12 @@ def test_wise_sequential_edits_undo_exactly(shipped_lalm, mini, mini_dir, wise):
         handles[0].undo()
 
 
-def test_unke_edits_the_block_through_the_models_own_calls_and_undoes_exactly(shipped_lalm, mini, mini_dir):
-    unke = UnKE(
-        shipped_lalm, 1, str(mini_dir), n_text=4, n_audio=2, key_steps=25, block_lr=2e-3, block_steps=30
+def test_unke_edits_the_block_through_the_models_own_calls_and_undoes_exactly(
+    shipped_lalm, pool, mini, mini_dir
+):
+    smaller = ("editor.hparams.preservation.text=4", "editor.hparams.preservation.audio=2")
+    unke = configured(
+        "unke", shipped_lalm, pool, *smaller, "editor.hparams.block.lr=2e-3", "editor.hparams.block.steps=30"
     )
     assert unke.param_names and all(n.startswith(unke.path + ".") for n in unke.param_names)
     sw = sweeper(shipped_lalm, unke, mini_dir)

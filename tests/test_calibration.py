@@ -6,25 +6,26 @@ import torch
 import yaml
 
 from editors.checkpoint import EditorModelMismatch, load_editor, read_info
+from editors.unke import UnKE
 from editors.wise import WISE, ties_merge
 from evaluation.sweep import request
 from lalms import Qwen2Audio
 from lit_modules.base import ExportEditor
 from lit_modules.calibration import best_threshold
-from lit_modules.unke import UnKECalibration, quantile
-from lit_modules.wise import WISECalibration
+from lit_modules.unke import quantile
+from tests.helpers import configured, training_module
 from tests.test_baseline_editors import sweeper
 from tests.test_meta_training import Kill, data, trainer
 
+# The calibrations as train.py builds them on the tiny model, with fewer questions and steps.
+SMALL_WISE = ("editor.hparams.preservation.text=3", "editor.hparams.preservation.audio=3",
+              "editor.hparams.training.steps=25")  # fmt: skip
+SMALL_UNKE = ("editor.hparams.preservation.text=4", "editor.hparams.preservation.audio=2",
+              "editor.hparams.block.steps=5")  # fmt: skip
 
-def wise_cfg(mini_dir, **kw):
-    return {"_target_": "editors.wise.WISE", "layer": -2, "preservation_root": str(mini_dir),
-            "n_text": 3, "n_audio": 3, "lr": 0.1, "steps": 25, **kw}  # fmt: skip
 
-
-def unke_cfg(mini_dir, **kw):
-    return {"_target_": "editors.unke.UnKE", "layer": 1, "preservation_root": str(mini_dir),
-            "n_text": 4, "n_audio": 2, "block_steps": 5, **kw}  # fmt: skip
+def unke_calibration(lalm, pool, *overrides):
+    return training_module("unke", lalm, pool, *SMALL_UNKE, *overrides)
 
 
 def test_best_threshold_separates_and_stays_below_the_edit_prompts_own_distance():
@@ -50,8 +51,8 @@ def test_ties_merge_trims_elects_a_sign_and_averages_the_agreeing_entries():
     assert quantile([5, 1, 3, 2, 4], 0.95) == 5 and quantile([5, 1, 3, 2, 4], 0.4) == 2
 
 
-def test_wise_shards_train_their_own_edits_and_undo_exactly(shipped_lalm, mini, mini_dir):
-    wise = WISE(shipped_lalm, -2, str(mini_dir), n_text=3, n_audio=3, lr=0.1, steps=25, shards=2)
+def test_wise_shards_train_their_own_edits_and_undo_exactly(shipped_lalm, pool, mini, mini_dir):
+    wise = configured("wise", shipped_lalm, pool, *SMALL_WISE, "editor.hparams.shards=2")
     sw = sweeper(shipped_lalm, wise, mini_dir)
     weight = wise.module.weight.detach().clone()
     first = wise.apply(request(mini.sequences[0][0], sw.prompt(mini.sequences[0][0].reliability)))
@@ -60,7 +61,7 @@ def test_wise_shards_train_their_own_edits_and_undo_exactly(shipped_lalm, mini, 
     shard0 = wise.shards[0].clone()
     second = wise.apply(request(mini.sequences[0][1], sw.prompt(mini.sequences[0][1].reliability)))
     assert torch.equal(wise.shards[0], shard0) and wise.shards[1].any()
-    assert torch.allclose(wise.side, weight + ties_merge(wise.shards, 1.0))
+    assert torch.allclose(wise.side, weight + ties_merge(wise.shards, wise.hp.merge_density))
     assert len(wise.in_scope) == 2 and wise.threshold == pytest.approx(0.88 * min(wise.in_scope))
     second.undo()
     assert torch.equal(wise.shards[0], shard0) and not wise.shards[1].any()
@@ -69,9 +70,9 @@ def test_wise_shards_train_their_own_edits_and_undo_exactly(shipped_lalm, mini, 
     assert torch.equal(wise.module.weight, weight)
 
 
-def test_wise_calibration_exports_an_editor_that_evaluate_loads(shipped_lalm, mini_dir, tmp_path):
-    candidates = [{"alpha": 5.0, "beta": 20.0, "gamma": 10.0}, {"alpha": 2.0, "beta": 10.0, "gamma": 5.0}]
-    module = WISECalibration(shipped_lalm, wise_cfg(mini_dir), candidates=candidates)
+def test_wise_calibration_exports_an_editor_that_evaluate_loads(shipped_lalm, pool, mini_dir, tmp_path):
+    candidates = "editor.module.candidates=[{alpha:5.0,beta:20.0,gamma:10.0},{alpha:2.0,beta:10.0,gamma:5.0}]"
+    module = training_module("wise", shipped_lalm, pool, *SMALL_WISE, candidates)
     out = tmp_path / "wise"
     trainer(tmp_path, [ExportEditor(str(out))], limit_train_batches=1, limit_val_batches=1).fit(
         module, datamodule=data(mini_dir)
@@ -83,22 +84,31 @@ def test_wise_calibration_exports_an_editor_that_evaluate_loads(shipped_lalm, mi
     info = read_info(out)
     chosen = info["calibration"]["chosen"]
     assert info["editor"] == "wise" and info["model"]["fingerprint"] == shipped_lalm.fingerprint()
+    margins = ("alpha", "beta", "gamma")
     assert 0.0 <= chosen["act_ratio"] < 1.0 and chosen in [
-        {k: c[k] for k in ("alpha", "beta", "gamma", "act_ratio")} for c in info["calibration"]["candidates"]
+        {"margins": {k: c[k] for k in margins}, "act_ratio": c["act_ratio"]}
+        for c in info["calibration"]["candidates"]
     ]
-    assert {k: info["config"][k] for k in chosen} == chosen  # the calibrated values build the editor
+    # the calibrated values build the editor
+    assert (
+        info["hparams"]["margins"] == chosen["margins"]
+        and info["hparams"]["act_ratio"] == chosen["act_ratio"]
+    )
     assert info["calibration"]["val"]["edits"] == 2 and "routing" in info["calibration"]["val"]
 
-    wise = load_editor(out, shipped_lalm)
-    assert isinstance(wise, WISE) and wise.act_ratio == chosen["act_ratio"] and wise.alpha == chosen["alpha"]
+    wise = load_editor(out, shipped_lalm, pool)
+    assert isinstance(wise, WISE) and wise.hp.act_ratio == chosen["act_ratio"]
+    assert wise.hp.margins.alpha == chosen["margins"]["alpha"]
     x, mask = module.exported_editor().out_of_scope()
     assert torch.equal(wise._out_x[0], x) and torch.equal(wise._out_x[1], mask)  # loaded, not recomputed
 
 
 def test_unke_calibration_chooses_the_key_search_and_exports_the_preserved_keys(
-    shipped_lalm, mini_dir, tiny_dirs, tmp_path
+    shipped_lalm, pool, mini_dir, tiny_dirs, tmp_path
 ):
-    module = UnKECalibration(shipped_lalm, unke_cfg(mini_dir), key_lrs=[0.05, 1.0], max_steps=40)
+    module = unke_calibration(
+        shipped_lalm, pool, "editor.module.key_lrs=[0.05,1.0]", "editor.module.max_steps=40"
+    )
     out = tmp_path / "unke"
     trainer(tmp_path, [ExportEditor(str(out))], limit_train_batches=2, limit_val_batches=1).fit(
         module, datamodule=data(mini_dir)
@@ -112,25 +122,29 @@ def test_unke_calibration_chooses_the_key_search_and_exports_the_preserved_keys(
     calibration = info["calibration"]
     rule = calibration["rule"]
     best = max(calibration["candidates"], key=lambda c: (c["solved"], -(c["median_steps"] or 1e9)))
-    assert rule["key_lr"] == best["key_lr"]
-    assert rule["key_steps"] == min(40, int(-(-1.5 * (best["steps_at_coverage"] + 1) // 1)))
+    assert rule["lr"] == best["key_lr"]
+    assert rule["steps"] == min(40, int(-(-1.5 * (best["steps_at_coverage"] + 1) // 1)))
     assert rule["clamp_norm"] == pytest.approx(1.5 * best["norm_at_coverage"], abs=1e-3)
 
     # Validation made each held-out edit end to end under both settings and kept the better one.
     val = calibration["val"]
     assert val["edits"] == 2 and len(module.records["val"]) == 2 * 2
-    config = {"key_lr": 0.5, "key_steps": 25, "clamp_norm": 4.0}  # UnKE's defaults (unke_cfg sets none)
+    config = {"lr": 0.5, "steps": 25, "clamp_norm": 4.0}  # the config's stage 1
     figures = {s: (val[f"{s}/reliability"], val[f"{s}/generality"]) for s in ("calibrated", "config")}
     winner = "calibrated" if figures["calibrated"] > figures["config"] else "config"
     assert calibration["validated"] == winner and val["kept_config"] == (winner == "config")
-    chosen = calibration["chosen"]
+    chosen = calibration["chosen"]["target"]
     assert chosen == (rule if winner == "calibrated" else config)
     for setting, (reliability, _) in figures.items():
         rows = [r for r in module.records["val"] if r["setting"] == setting]
         assert reliability == sum(r["reliable"] for r in rows) / 2
 
-    unke = load_editor(out, shipped_lalm)
-    assert unke.key_lr == chosen["key_lr"] and unke.key_steps == chosen["key_steps"]
+    unke = load_editor(out, shipped_lalm, pool)
+    assert (
+        isinstance(unke, UnKE)
+        and unke.hp.target.lr == chosen["lr"]
+        and unke.hp.target.steps == chosen["steps"]
+    )
     args, kwargs, out_states, mask = module.exported_editor().preserved()
     loaded = unke.preserved()  # from the export, not recomputed
     assert torch.equal(loaded[0][0], args[0]) and torch.equal(loaded[2], out_states)
@@ -138,12 +152,14 @@ def test_unke_calibration_chooses_the_key_search_and_exports_the_preserved_keys(
 
     other = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))  # same architecture, other weights
     with pytest.raises(EditorModelMismatch, match="unke editor was trained on model .* weights differ"):
-        load_editor(out, other)
+        load_editor(out, other, pool)
 
 
-def test_a_killed_calibration_resumes_with_the_edits_already_recorded(shipped_lalm, mini_dir, tmp_path):
+def test_a_killed_calibration_resumes_with_the_edits_already_recorded(shipped_lalm, pool, mini_dir, tmp_path):
     def calibration():
-        return UnKECalibration(shipped_lalm, unke_cfg(mini_dir), key_lrs=[1.0], max_steps=20)
+        return unke_calibration(
+            shipped_lalm, pool, "editor.module.key_lrs=[1.0]", "editor.module.max_steps=20"
+        )
 
     whole = calibration()
     trainer(tmp_path / "whole", limit_train_batches=3).fit(whole, datamodule=data(mini_dir))
@@ -166,9 +182,9 @@ def test_a_killed_calibration_resumes_with_the_edits_already_recorded(shipped_la
     assert yaml.safe_dump(resumed.summary) == yaml.safe_dump(whole.summary)
 
 
-def test_unke_validation_keeps_the_config_unless_the_calibration_edits_better(shipped_lalm, mini_dir):
-    module = UnKECalibration(shipped_lalm, unke_cfg(mini_dir, key_lr=0.5, key_steps=25, clamp_norm=4.0))
-    rule = {"key_lr": 1.0, "key_steps": 9, "clamp_norm": 2.0}
+def test_unke_validation_keeps_the_config_unless_the_calibration_edits_better(shipped_lalm, pool):
+    module = unke_calibration(shipped_lalm, pool)  # the config's stage 1: lr 0.5, 25 steps, clamp 4
+    rule = {"lr": 1.0, "steps": 9, "clamp_norm": 2.0}
     module.summary = {"rule": dict(rule)}
 
     def records(calibrated, config):  # (reliable, generality) per edit of each setting
@@ -176,10 +192,21 @@ def test_unke_validation_keeps_the_config_unless_the_calibration_edits_better(sh
                 for s, rows in (("calibrated", calibrated), ("config", config))
                 for i, (r, g) in enumerate(rows)]  # fmt: skip
 
-    module.score(records([(True, 0.0), (False, 1.0)], [(True, 0.0), (True, 0.0)]))  # config: more reliable
-    assert module.chosen == {"key_lr": 0.5, "key_steps": 25, "clamp_norm": 4.0}
-    assert module.summary["validated"] == "config"
-    figures = module.score(records([(True, 0.5), (True, 0.0)], [(True, 0.0), (True, 0.0)]))  # tie: generality
-    assert module.chosen == rule and figures["calibrated/generality"] == 0.25 and figures["kept_config"] == 0
+    chosen_before = module.chosen
+    _, chosen = module.score(
+        records([(True, 0.0), (False, 1.0)], [(True, 0.0), (True, 0.0)])
+    )  # config: more reliable
+    assert chosen == {"target": {"lr": 0.5, "steps": 25, "clamp_norm": 4.0}}
+    assert (
+        module.summary["validated"] == "config" and module.chosen == chosen_before
+    )  # score chooses, sets nothing
+    figures, chosen = module.score(
+        records([(True, 0.5), (True, 0.0)], [(True, 0.0), (True, 0.0)])
+    )  # tie: generality
+    assert (
+        chosen == {"target": rule}
+        and figures["calibrated/generality"] == 0.25
+        and figures["kept_config"] == 0
+    )
     module.score(records([(True, 0.0)], [(True, 0.0)]))  # a full tie keeps the published settings
     assert module.summary["validated"] == "config"

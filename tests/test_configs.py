@@ -20,7 +20,7 @@ GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment",
 def entry_groups(entry):
     """The groups in an entry point's defaults list."""
     defaults = yaml.safe_load((CONFIGS / f"{entry}.yaml").read_text())["defaults"]
-    return [next(iter(d)).removeprefix("optional ") for d in defaults if isinstance(d, dict)]
+    return [next(iter(d)).removeprefix("optional ").split("@")[0] for d in defaults if isinstance(d, dict)]
 
 
 def fits(entry, group, path):
@@ -55,18 +55,32 @@ def test_every_config_composes(entry, group, option):
         assert callable(get_method(target)), target
 
 
-@pytest.mark.parametrize("tuning", sorted(p.stem for p in (CONFIGS / "tuning").glob("*.yaml")))
-def test_tuning_applies_to_its_editor_and_model_only(tuning):
-    editor, model = tuning.split("_", 1)
+def tuning_cases():
+    """(tuning file, entry point, group) for each entry point that has the file's group."""
+    for path in sorted((CONFIGS / "tuning").glob("*/*.yaml")):
+        group = "analysis" if (CONFIGS / "analysis" / path.name).is_file() else "editor"
+        for entry in ("train", "evaluate", "analyze"):
+            if group in entry_groups(entry):
+                yield f"{path.parent.name}/{path.stem}", entry, group
+
+
+@pytest.mark.parametrize(("tuning", "entry", "group"), list(tuning_cases()))
+def test_tuning_applies_to_its_model_and_editor_in_every_entry_point(tuning, entry, group):
+    """configs/tuning/<model>/<name>.yaml sets its values whenever that model and that editor (or
+    analysis) are chosen, in each entry point that has the group; a model without one does not get them."""
+    model, name = tuning.split("/")
     node, path = yaml.safe_load((CONFIGS / "tuning" / f"{tuning}.yaml").read_text()), []
     while isinstance(node, dict):  # the first value the file sets, and its dotted path
         key, node = next(iter(node.items()))
         path.append(key)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"editor={editor}", f"model={model}"])
-        other = compose(config_name="train", overrides=[f"editor={editor}", "model=qwen"])
+        cfg = compose(config_name=entry, overrides=[f"{group}={name}", f"model={model}"])
+        other = compose(config_name=entry, overrides=[f"{group}={name}", "model=tiny_init"])  # no folder
     assert OmegaConf.select(cfg, ".".join(path)) == node
-    assert OmegaConf.select(other, ".".join(path)) != node
+    assert (
+        OmegaConf.select(other, ".".join(path), default="<absent>") in ("???", "<absent>")
+        or OmegaConf.select(other, ".".join(path)) != node
+    )
 
 
 def test_all_groups_exist_and_known_models_are_there():

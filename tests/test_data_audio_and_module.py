@@ -69,7 +69,8 @@ def test_datamodule_yields_decoded_edit_examples(mini_dir):
     first = [r["_attribute"] for r in record_stream(dm.files("train")).take(4)]  # round-robin over files
     assert sorted(first) == ["animal", "emotion", "gender", "language"]
     req = ex.request()
-    assert req.target == ex.instance.target and len(req.equivalents) == 3
+    assert req.target == ex.instance.target and req.original == ex.instance.original
+    assert req.prompt is ex.edit.prompt
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 5])

@@ -9,30 +9,51 @@ import torch
 
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
-from editors.alphaedit import AlphaEdit
-from editors.finetune import FineTune
 from editors.hypernet import HypernetEditor
-from editors.ke import KE
-from editors.mend import MEND
-from editors.rome import ROME
-from editors.unke import UnKE
-from editors.wise import WISE
 from evaluation.sweep import request
+from tests.helpers import configured
 
-LOCATE = dict(corpus_text=10, corpus_audio=5, prefixes=[""], steps=10, clamp_norm=12.0, neutral_question=None)
+CORPUS = (
+    "editor.hparams.corpus.text=10",
+    "editor.hparams.corpus.audio=5",
+    "editor.hparams.corpus.cache_dir=null",
+)
+SEARCH = ("editor.hparams.search.steps=10",)
+# The weight editors as evaluate.py builds them on the tiny model, with fewer steps and questions.
 EDITORS = {
-    "mend": lambda lalm, root: HypernetEditor(MEND(lalm, rank=8, edit_lr=5.0)),
-    "ke": lambda lalm, root: HypernetEditor(
-        KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=1e3)
-    ),
-    "ft_llm": lambda lalm, root: FineTune(lalm, "llm.layers.-1", lr=1e-3, max_steps=3),
-    "ft_audio": lambda lalm, root: FineTune(lalm, "connector", lr=1e-2, max_steps=3),
-    "rome": lambda lalm, root: ROME(lalm, ["llm.layers.1.mlp.down_proj"], root, cache_dir=None, **LOCATE),
-    "alphaedit": lambda lalm, root: AlphaEdit(lalm, [1, 2], root, cache_dir=None, **LOCATE),
-    "unke": lambda lalm, root: UnKE(
-        lalm, 1, root, n_text=2, n_audio=1, key_steps=5, block_steps=3, block_lr=5e-3
-    ),
-    "wise": lambda lalm, root: WISE(lalm, -2, root, n_text=2, n_audio=2, lr=0.1, steps=3),
+    "mend": lambda lalm, pool: HypernetEditor(configured("mend", lalm, pool, "editor.hparams.edit_lr=5.0")),
+    "ke": lambda lalm, pool: HypernetEditor(
+        configured(
+            "ke",
+            lalm,
+            pool,
+            "editor.hparams.lstm_dim=8",
+            "editor.hparams.condition_dim=16",
+            "editor.hparams.hidden_dim=8",
+            "editor.hparams.max_scale=1e3",
+        )
+    ),  # fmt: skip
+    "ft_llm": lambda lalm, pool: configured("ft_llm", lalm, pool, "editor.hparams.max_steps=3"),
+    "ft_audio": lambda lalm, pool: configured("ft_audio", lalm, pool, "editor.hparams.max_steps=3"),
+    "rome": lambda lalm, pool: configured("rome", lalm, pool, *CORPUS, *SEARCH),
+    "alphaedit": lambda lalm, pool: configured("alphaedit", lalm, pool, *CORPUS, *SEARCH),
+    "unke": lambda lalm, pool: configured(
+        "unke",
+        lalm,
+        pool,
+        "editor.hparams.preservation.text=2",
+        "editor.hparams.preservation.audio=1",
+        "editor.hparams.target.steps=5",
+        "editor.hparams.block.steps=3",
+    ),  # fmt: skip
+    "wise": lambda lalm, pool: configured(
+        "wise",
+        lalm,
+        pool,
+        "editor.hparams.preservation.text=2",
+        "editor.hparams.preservation.audio=2",
+        "editor.hparams.training.steps=3",
+    ),  # fmt: skip
 }
 
 
@@ -44,9 +65,9 @@ def hooks(lalm) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lalm.model.modules())
 
 
-def drift(name, lalm, mini, mini_dir, edits: int) -> None:
+def drift(name, lalm, pool, mini, mini_dir, edits: int) -> None:
     before, hooked = state(lalm), hooks(lalm)
-    editor = EDITORS[name](lalm, str(mini_dir))
+    editor = EDITORS[name](lalm, pool)
     prompt = PromptMaker(AudioResolver(mini_dir / "audio"), lalm.sampling_rate)
     for inst in itertools.islice(itertools.cycle(mini.test), edits):
         editor.apply(request(inst, prompt(inst.reliability))).undo()
@@ -57,11 +78,11 @@ def drift(name, lalm, mini, mini_dir, edits: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EDITORS))
-def test_a_few_edits_leave_no_drift(name, shipped_lalm, mini, mini_dir):
-    drift(name, shipped_lalm, mini, mini_dir, edits=3)
+def test_a_few_edits_leave_no_drift(name, shipped_lalm, pool, mini, mini_dir):
+    drift(name, shipped_lalm, pool, mini, mini_dir, edits=3)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EDITORS))
-def test_a_hundred_edits_leave_no_drift(name, shipped_lalm, mini, mini_dir):
-    drift(name, shipped_lalm, mini, mini_dir, edits=100)
+def test_a_hundred_edits_leave_no_drift(name, shipped_lalm, pool, mini, mini_dir):
+    drift(name, shipped_lalm, pool, mini, mini_dir, edits=100)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
+from common.hparams import to_dict
 from datamodules import AudioResolver, SakeData
 from editors.checkpoint import save_editor
 from editors.hypernet import HypernetEditor
-from editors.mend import MEND
 from evaluation import metrics as M
 from evaluation import rescore
 from evaluation.judges.rule import RuleJudge
@@ -23,6 +23,7 @@ from evaluation.records import QueryResult, ResultsLog, read_lines
 from evaluation.responses import ResponseCache
 from evaluation.run import RunMismatch, run_sweeps
 from evaluation.sweep import Sweeper
+from tests.helpers import configured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def strip_time(records):
 
 def test_a_full_single_sweep_restores_every_parameter_bitwise(shipped_lalm, mini, mini_dir, tmp_path):
     before = {k: v.clone() for k, v in shipped_lalm.model.state_dict().items()}
-    editor = HypernetEditor(MEND(shipped_lalm, edit_lr=5.0))
+    editor = HypernetEditor(configured("mend", shipped_lalm, None, "editor.hparams.edit_lr=5.0"))
     log = ResultsLog(tmp_path / "results.jsonl")
     sweeper(shipped_lalm, editor, mini_dir).single(mini.test[:6], log)
     assert len(read_lines(log.path)[0]) == 6
@@ -72,7 +73,7 @@ def test_a_full_single_sweep_restores_every_parameter_bitwise(shipped_lalm, mini
 
 
 def test_a_killed_single_sweep_resumes_to_the_same_results(shipped_lalm, mini, mini_dir, tmp_path):
-    editor = HypernetEditor(MEND(shipped_lalm, edit_lr=5.0))
+    editor = HypernetEditor(configured("mend", shipped_lalm, None, "editor.hparams.edit_lr=5.0"))
     items = mini.test[:5]
     whole = ResultsLog(tmp_path / "whole.jsonl")
     sweeper(shipped_lalm, editor, mini_dir).single(items, whole)
@@ -235,9 +236,9 @@ def evaluate_cli(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def exported(shipped_lalm, tmp_path_factory):
     """An (untrained) MEND exported like train.py does."""
-    cfg = {"_target_": "editors.mend.MEND", "rank": 16, "edit_lr": 5.0}
+    net = configured("mend", shipped_lalm, None, "editor.hparams.rank=16", "editor.hparams.edit_lr=5.0")
     return save_editor(
-        MEND(shipped_lalm, rank=16, edit_lr=5.0), cfg, tmp_path_factory.mktemp("ed") / "mend", "mend"
+        net, "editors.mend.MEND", to_dict(net.hp), tmp_path_factory.mktemp("ed") / "mend", "mend"
     )
 
 

@@ -1,13 +1,25 @@
-"""MEND and KE: the update rules, batched edits equal to functional_call, exact undo."""
+"""MEND and KE, built from the configs train.py composes: the update rules, batched edits equal
+to functional_call, exact undo."""
 
 import pytest
 import torch
 
-from editors.base import EditRequest
+from common import EditRequest
+from common.hparams import HParamsError
 from editors.hypernet import HypernetEditor, LowRankDelta
-from editors.ke import KE
-from editors.mend import MEND, RunningNorm
+from editors.mend import RunningNorm
 from lalms import Prompt
+from tests.helpers import configured
+
+SMALL_KE = ("editor.hparams.lstm_dim=8", "editor.hparams.condition_dim=16", "editor.hparams.hidden_dim=8")
+
+
+def MEND(lalm, *overrides):
+    return configured("mend", lalm, None, *overrides)
+
+
+def KE(lalm, *overrides):
+    return configured("ke", lalm, None, *SMALL_KE, "editor.hparams.zero_shift=false", *overrides)
 
 
 def request(clip, target="cat", question="Which animal?"):
@@ -38,7 +50,7 @@ def test_running_norm_matches_full_batch_statistics():
 
 
 def test_an_untrained_mend_takes_a_plain_gradient_step(lalm, clips):
-    mend = MEND(lalm, edit_lr=1e-3).eval()
+    mend = MEND(lalm, "editor.hparams.edit_lr=1e-3").eval()
     assert len(mend.param_names) == 9  # gate/up/down of the last three layers
     assert len(mend.transforms) == 2  # gate/up share one shape, down another
     req = request(clips[0])
@@ -51,7 +63,7 @@ def test_an_untrained_mend_takes_a_plain_gradient_step(lalm, clips):
 
 def test_ke_update_is_the_elementwise_rule_on_the_true_gradient(lalm, clips):
     torch.manual_seed(0)
-    ke = KE(lalm, layers=[-1], lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=0.1).eval()
+    ke = KE(lalm, "editor.hparams.layers=[-1]", "editor.hparams.max_scale=0.1").eval()
     req = request(clips[1])
     new = ke.edit_params(req)
     grads = weight_grads(lalm, ke.param_names, req.prompt, req.target)
@@ -69,9 +81,9 @@ def test_ke_update_is_the_elementwise_rule_on_the_true_gradient(lalm, clips):
 def test_batched_row_edits_equal_functional_call_per_edit(lalm, clips, kind):
     torch.manual_seed(0)
     net = (
-        MEND(lalm, edit_lr=0.5)
+        MEND(lalm, "editor.hparams.edit_lr=0.5")
         if kind == "mend"
-        else KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=50.0)
+        else KE(lalm, "editor.hparams.max_scale=50.0")
     )
     net.eval()
     reqs = [request(clips[0], "cat"), request(clips[1], "frog", "Name the animal.")]
@@ -114,7 +126,11 @@ def test_capture_keeps_edits_apart_in_a_batch(lalm, clips):
 @pytest.mark.parametrize("kind", ["mend", "ke"])
 def test_an_edit_lowers_the_edit_loss_and_undo_is_exact(lalm, clips, kind):
     torch.manual_seed(0)
-    net = MEND(lalm, edit_lr=0.05) if kind == "mend" else KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8)
+    net = (
+        MEND(lalm, "editor.hparams.edit_lr=0.05")
+        if kind == "mend"
+        else KE(lalm, "editor.hparams.max_scale=1e-3")
+    )
     req = request(clips[0])
     before = {n: p.detach().clone() for n, p in lalm.model.named_parameters()}
     handle = HypernetEditor(net).apply(req)
@@ -130,7 +146,7 @@ def test_an_edit_lowers_the_edit_loss_and_undo_is_exact(lalm, clips, kind):
 
 
 def test_hypernetwork_state_excludes_the_base_model(lalm):
-    for net in (MEND(lalm, rank=4), KE(lalm, lstm_dim=8, condition_dim=16, hidden_dim=8)):
+    for net in (MEND(lalm, "editor.hparams.rank=4"), KE(lalm)):
         state = net.state_dict()
         assert not any("language_model" in k or "audio_tower" in k or k.startswith("model.") for k in state)
     assert "edit_lrs" in MEND(lalm).state_dict()
@@ -138,7 +154,7 @@ def test_hypernetwork_state_excludes_the_base_model(lalm):
 
 def test_edits_refuse_non_linear_sites_and_low_rank_delta_is_consistent(lalm):
     with pytest.raises(TypeError, match="linear layers"):
-        MEND(lalm, projections=["act_fn"])
+        MEND(lalm, "editor.hparams.projections=[act_fn]")
     for rank in (1, 3, 40):  # the factored path (few positions) and the dense one (many)
         d = LowRankDelta(torch.randn(rank, 5), torch.randn(rank, 4))
         x = torch.randn(2, 4)
@@ -147,7 +163,9 @@ def test_edits_refuse_non_linear_sites_and_low_rank_delta_is_consistent(lalm):
 
 def test_ke_zero_shift_starts_as_a_pure_rescaled_gradient(lalm, clips):
     torch.manual_seed(0)
-    ke = KE(lalm, layers=[-1], lstm_dim=8, condition_dim=16, hidden_dim=8, max_scale=0.1, zero_shift=True)
+    ke = KE(
+        lalm, "editor.hparams.layers=[-1]", "editor.hparams.max_scale=0.1", "editor.hparams.zero_shift=true"
+    )
     req = request(clips[1])
     cond = ke.condition([req])
     for update in ke.updates:
@@ -161,3 +179,12 @@ def test_ke_zero_shift_starts_as_a_pure_rescaled_gradient(lalm, clips):
         r_a, c_a, _, _, eta = (t[0] for t in update(cond))
         expected = params[name] + 0.1 * torch.sigmoid(eta) * torch.outer(r_a.softmax(-1), c_a) * g
         torch.testing.assert_close(new[name], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_a_config_that_does_not_fill_the_hparams_is_refused_naming_the_key(lalm):
+    with pytest.raises(HParamsError, match=r"hparams\.rank must be int"):
+        MEND(lalm, "editor.hparams.rank=wide")
+    with pytest.raises(HParamsError, match=r"unknown hparams\.ranks"):
+        MEND(lalm, "+editor.hparams.ranks=4")
+    with pytest.raises(HParamsError, match=r"hparams\.rank missing"):
+        MEND(lalm, "~editor.hparams.rank")

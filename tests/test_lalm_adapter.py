@@ -16,12 +16,17 @@ def test_tiny_models_are_tiny(lalm):
 
 def test_forward_loss_and_generate_on_two_audio_questions(lalm, clips):
     prompts = [Prompt("Which animal is this?", audio=clips[0]), Prompt("Which language?", audio=clips[1])]
-    loss = lalm.loss(prompts, ["dog", "English"])
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    loss.backward()
-    grads = [p.grad for p in lalm.model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    lalm.model.zero_grad(set_to_none=True)
+    assert not any(p.requires_grad for p in lalm.model.parameters())  # frozen: editors train copies
+    lalm.model.requires_grad_(True)  # as pretraining does
+    try:
+        loss = lalm.loss(prompts, ["dog", "English"])
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        grads = [p.grad for p in lalm.model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    finally:
+        lalm.model.zero_grad(set_to_none=True)
+        lalm.model.requires_grad_(False)
     answers = lalm.generate(prompts, max_new_tokens=5)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 

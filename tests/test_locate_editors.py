@@ -1,18 +1,25 @@
-"""ROME (LLM, audio encoder, cross-modal), AlphaEdit and OT steering on the shipped tiny LALM."""
+"""ROME (LLM, audio encoder, cross-modal), AlphaEdit and OT steering on the shipped tiny LALM,
+built from the configs evaluate.py composes (with a smaller key corpus)."""
 
 import pytest
 import torch
 
-from editors.alphaedit import AlphaEdit
-from editors.locate import Site, key_positions, second_moment
-from editors.rome import ROME
-from editors.steering import OTSteering, monge_map
+from editors.locate import KeyCorpus, LinearSite, key_positions, second_moment
+from editors.steering import monge_map
 from evaluation.sweep import request
 from lalms.prompt import Prompt
+from tests.helpers import configured
 
-COMMON = dict(
-    corpus_text=20, corpus_audio=10, prefixes=[""], steps=50, clamp_norm=12.0, neutral_question=None
-)
+CORPUS = ("editor.hparams.corpus.text=20", "editor.hparams.corpus.audio=10")
+
+
+def located(name, lalm, pool, cache_dir, *overrides):
+    cache = (
+        f"editor.hparams.corpus.cache_dir={cache_dir}"
+        if cache_dir
+        else "editor.hparams.corpus.cache_dir=null"
+    )
+    return configured(name, lalm, pool, *CORPUS, cache, *overrides)
 
 
 def snapshot(lalm):
@@ -34,28 +41,27 @@ def test_keys_are_read_at_the_last_prompt_position_or_the_audio_rows(shipped_lal
     assert torch.equal(audio.nonzero().flatten(), rows) and audio.sum() == pytest.approx(1.0)
 
 
-def test_the_second_moment_is_cached_per_model_and_layer(shipped_lalm, mini_dir, tmp_path):
-    site = Site(shipped_lalm, "llm.layers.2.mlp.down_proj")
-    c = second_moment(shipped_lalm, site, str(mini_dir), None, 6, 2, str(tmp_path))
+def test_the_second_moment_is_cached_per_model_layer_and_corpus(shipped_lalm, pool, tmp_path):
+    site = LinearSite(shipped_lalm, "llm.layers.2.mlp.down_proj", "last")
+    corpus = KeyCorpus(6, 2, str(tmp_path))
+    c = second_moment(shipped_lalm, site, pool, corpus)
     assert c.shape == (384, 384) and torch.allclose(c, c.T) and len(list(tmp_path.iterdir())) == 1
-    again = second_moment(shipped_lalm, site, str(mini_dir), None, 6, 2, str(tmp_path))
+    again = second_moment(shipped_lalm, site, pool, corpus)
     assert torch.equal(c, again)
     assert torch.linalg.eigvalsh(c.double()).min() > -1e-6  # positive semi-definite
+    other = second_moment(shipped_lalm, site, pool, KeyCorpus(5, 2, str(tmp_path)))  # another corpus
+    assert len(list(tmp_path.iterdir())) == 2 and not torch.equal(other, c)
 
 
 @pytest.mark.parametrize(
-    "sites",
-    [
-        ["llm.layers.2.mlp.down_proj"],
-        ["audio.layers.-1.fc2"],
-        ["audio.layers.-1.fc2", "llm.layers.2.mlp.down_proj"],
-    ],
+    ("name", "layers"),
+    [("rome", ["editor.layer=2"]), ("rome_audio", []), ("rome_cross", ["editor.layer=2"])],
     ids=["llm", "audio", "cross"],
 )
 def test_rome_is_a_rank_one_update_of_its_sites_and_undoes_bitwise(
-    shipped_lalm, mini_dir, samples, sites, tmp_path
+    shipped_lalm, pool, samples, name, layers, tmp_path
 ):
-    rome = ROME(shipped_lalm, sites, str(mini_dir), cache_dir=str(tmp_path), **COMMON)
+    rome = located(name, shipped_lalm, pool, tmp_path, *layers)
     before = snapshot(shipped_lalm)
     s = samples[1]
     handle = rome.apply(request(s.instance, s.prompt))
@@ -68,10 +74,8 @@ def test_rome_is_a_rank_one_update_of_its_sites_and_undoes_bitwise(
     assert not changed(shipped_lalm, before)
 
 
-def test_rome_edits_the_answer_on_the_llm(shipped_lalm, mini_dir, samples, tmp_path):
-    rome = ROME(
-        shipped_lalm, ["llm.layers.1.mlp.down_proj"], str(mini_dir), cache_dir=str(tmp_path), **COMMON
-    )
+def test_rome_edits_the_answer_on_the_llm(shipped_lalm, pool, samples, tmp_path):
+    rome = located("rome", shipped_lalm, pool, tmp_path)  # the tiny model's layer 1
     answers = []
     for s in samples[:4]:  # gender, emotion, language, animal
         handle = rome.apply(request(s.instance, s.prompt))
@@ -81,9 +85,9 @@ def test_rome_edits_the_answer_on_the_llm(shipped_lalm, mini_dir, samples, tmp_p
 
 
 def test_alphaedit_updates_lie_in_the_null_space_and_sequences_accumulate(
-    shipped_lalm, mini_dir, samples, tmp_path
+    shipped_lalm, pool, samples, tmp_path
 ):
-    editor = AlphaEdit(shipped_lalm, [1, 2], str(mini_dir), cache_dir=str(tmp_path), **COMMON)
+    editor = located("alphaedit", shipped_lalm, pool, tmp_path)  # layers 1 and 2
     before = snapshot(shipped_lalm)
     first = editor.apply(request(samples[1].instance, samples[1].prompt))
     params = dict(shipped_lalm.model.named_parameters())
@@ -121,8 +125,8 @@ def test_the_monge_map_carries_one_gaussian_onto_the_other():
     assert torch.allclose(a @ c_s @ a.T, c_t, atol=1e-6) and torch.allclose(a @ mu_s + b, mu_t)
 
 
-def test_steering_routes_each_sample_and_undo_removes_it(shipped_lalm, mini_dir, samples):
-    steering = OTSteering(shipped_lalm, str(mini_dir), samples=16)
+def test_steering_routes_each_sample_and_undo_removes_it(shipped_lalm, pool, samples):
+    steering = configured("steering", shipped_lalm, pool, "editor.hparams.samples=16")
     s, other = samples[3], samples[4 + 1]  # an animal clip; an emotion clip
     batch = [s.prompt, other.prompt, Prompt("What is two plus three?")]
     unedited = shipped_lalm.generate(batch, 8)
@@ -136,19 +140,18 @@ def test_steering_routes_each_sample_and_undo_removes_it(shipped_lalm, mini_dir,
     assert shipped_lalm.generate(batch, 8) == unedited and steering._hook is None
 
 
-def test_key_statistics_come_from_the_unedited_model(shipped_lalm, mini_dir, samples, tmp_path):
+def test_key_statistics_come_from_the_unedited_model(shipped_lalm, pool, samples):
     """AlphaEdit's null spaces and cross-modal ROME's C^-1 after a few edits equal those of a
     fresh editor on the unedited model (each layer's, not computed after a lower one changed)."""
-    alpha = AlphaEdit(shipped_lalm, [1, 2], str(mini_dir), cache_dir=None, **COMMON)
+    alpha = located("alphaedit", shipped_lalm, pool, None)
     handles = [alpha.apply(request(s.instance, s.prompt)) for s in samples[1:3]]
     for h in reversed(handles):
         h.undo()
-    fresh = AlphaEdit(shipped_lalm, [1, 2], str(mini_dir), cache_dir=None, **COMMON)
+    fresh = located("alphaedit", shipped_lalm, pool, None)
     for site in alpha.sites:
         assert torch.equal(alpha._projections[site.path], fresh.projection(site)), site.path
-    sites = ["audio.layers.-1.fc2", "llm.layers.2.mlp.down_proj"]
-    rome = ROME(shipped_lalm, sites, str(mini_dir), cache_dir=None, **COMMON)
+    rome = located("rome_cross", shipped_lalm, pool, None, "editor.layer=2")
     rome.apply(request(samples[1].instance, samples[1].prompt)).undo()
-    again = ROME(shipped_lalm, sites, str(mini_dir), cache_dir=None, **COMMON)
+    again = located("rome_cross", shipped_lalm, pool, None, "editor.layer=2")
     for site in rome.sites:
         assert torch.equal(rome._inverse[site.path], again.inverse_moment(site)), site.path

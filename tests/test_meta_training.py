@@ -17,12 +17,15 @@ from editors.checkpoint import EditorModelMismatch, load_editor
 from lalms import Qwen2Audio
 from lit_modules.base import ExportEditor
 from lit_modules.hypernet import MetaBatch
-from lit_modules.ke import KEModule
-from lit_modules.mend import MENDModule
+from tests.helpers import training_module
 
 ROOT = Path(__file__).resolve().parents[1]
-MEND_NET = {"_target_": "editors.mend.MEND", "edit_lr": 1e-2, "rank": 32}
-KE_NET = {"_target_": "editors.ke.KE", "lstm_dim": 8, "condition_dim": 16, "hidden_dim": 8, "max_scale": 1.0}
+# The modules as train.py builds them on the tiny model, with smaller networks.
+SMALL = {
+    "mend": ("editor.hparams.rank=32",),
+    "ke": ("editor.hparams.lstm_dim=8", "editor.hparams.condition_dim=16", "editor.hparams.hidden_dim=8",
+           "editor.hparams.max_scale=1.0"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +33,9 @@ def shipped():
     return Qwen2Audio.load(str(ROOT / "checkpoints" / "tiny-lalm"), name="tiny")
 
 
-def module(kind, lalm, **kw):
+def module(kind, lalm, *overrides, pool=None):
     L.seed_everything(0)
-    if kind == "mend":
-        return MENDModule(lalm, MEND_NET, lr=1e-3, lr_lr=1e-3, **kw)
-    return KEModule(lalm, KE_NET, lr=1e-3, **kw)
+    return training_module(kind, lalm, pool, *SMALL[kind], *overrides)
 
 
 def trainer(tmp_path, callbacks=(), **kw):
@@ -100,7 +101,7 @@ def test_meta_training_logs_exports_and_the_export_loads(kind, shipped, mini_dir
     assert info["model"]["edited_parameters"] == mod.net.param_names
     assert info["data"]["name"] == "sake_mini" and len(info["data"]["fingerprint"]) == 16
 
-    editor = load_editor(out, shipped)
+    editor = load_editor(out, shipped, None)
     for a, b in zip(editor.network.state_dict().values(), mod.net.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     before = {n: p.detach().clone() for n, p in shipped.model.named_parameters()}
@@ -112,7 +113,7 @@ def test_meta_training_logs_exports_and_the_export_loads(kind, shipped, mini_dir
 
     other = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))  # same shapes, other weights
     with pytest.raises(EditorModelMismatch, match="trained on model 'tiny'"):
-        load_editor(out, other)
+        load_editor(out, other, None)
 
 
 class Kill(L.Callback):
@@ -161,7 +162,7 @@ def test_two_process_cpu_ddp_trains_on_disjoint_data(mini_dir, tmp_path):
         "data.batch_size=2",
         "+trainer.limit_train_batches=3",
         "+trainer.limit_val_batches=1",
-        "editor.module.network.rank=32",
+        "editor.hparams.rank=32",
         "+callbacks.seen._target_=lit_modules.hypernet.RecordSeenInstances",
         f"+callbacks.seen.out_dir={seen}",
         f"editor.callbacks.export.out_dir={tmp_path / 'export'}",
@@ -186,7 +187,7 @@ def test_the_same_command_trains_the_same_editor_bit_for_bit(mini_dir, tmp_path)
     for run in ("a", "b"):
         args = [
             "editor=mend", f"data.root={mini_dir}", "data.build_mini=false", "data.batch_size=2",
-            "+trainer.max_steps=4", "+trainer.limit_val_batches=1", "editor.module.network.rank=16",
+            "+trainer.max_steps=4", "+trainer.limit_val_batches=1", "editor.hparams.rank=16",
             f"editor.callbacks.export.out_dir={tmp_path / run / 'export'}", f"hydra.run.dir={tmp_path / run}",
         ]  # fmt: skip
         env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
@@ -206,7 +207,10 @@ def test_the_same_command_trains_the_same_editor_bit_for_bit(mini_dir, tmp_path)
 
 
 def test_ke_multiplier_rises_with_violations_and_the_margin_shrinks_on_success(shipped):
-    mod = module("ke", shipped, margin_max=0.1, margin_min=0.05, margin_shrink=0.5, lagrange_lr=1.0)
+    mod = module(
+        "ke", shipped, "editor.module.margin_max=0.1", "editor.module.margin_min=0.05",
+        "editor.module.margin_shrink=0.5", "editor.module.lagrange_lr=1.0",
+    )  # fmt: skip
     mod._trainer = SimpleNamespace(
         strategy=SimpleNamespace(reduce=lambda x, reduce_op: x), sanity_checking=False
     )
@@ -266,7 +270,7 @@ def test_an_export_of_another_recipe_is_never_replaced(mini_dir, tmp_path):
     export = tmp_path / "export"
     common = [
         "editor=mend", f"data.root={mini_dir}", "data.build_mini=false", "data.batch_size=2",
-        "+trainer.limit_val_batches=1", "editor.module.network.rank=16",
+        "+trainer.limit_val_batches=1", "editor.hparams.rank=16",
         f"editor.callbacks.export.out_dir={export}",
     ]  # fmt: skip
 

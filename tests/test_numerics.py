@@ -12,7 +12,7 @@ from lit_modules.calibration import _finite
 from lit_modules.mend import MENDModule
 from lit_modules.pretrain import TinyPretrainModule
 
-from .test_meta_training import MEND_NET, data, trainer
+from .test_meta_training import data, module, trainer
 
 
 class Watch(L.Callback):
@@ -48,7 +48,7 @@ class NaNAtBatch1(MENDModule):
 
 def test_a_non_finite_meta_step_is_skipped_and_training_goes_on(shipped_lalm, mini_dir, tmp_path):
     L.seed_everything(0)
-    mod = NaNAtBatch1(shipped_lalm, MEND_NET, lr=1e-3, lr_lr=1e-3)
+    mod = module("mend", shipped_lalm, "editor.module._target_=tests.test_numerics.NaNAtBatch1")
     watch = Watch()
     trainer(tmp_path, [watch], limit_train_batches=4).fit(mod, datamodule=data(mini_dir))
     assert int(mod.skipped_steps) == 1
@@ -77,7 +77,7 @@ def test_a_non_finite_pretraining_step_is_skipped(mini_dir, tmp_path):
 
 @pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
 def test_fp16_is_refused_with_a_clear_message(shipped_lalm, precision):
-    mod = MENDModule(shipped_lalm, MEND_NET)
+    mod = module("mend", shipped_lalm)
     mod._trainer = SimpleNamespace(precision=precision)
     with pytest.raises(ValueError, match=rf"trainer.precision={precision} is not supported.*bf16-mixed"):
         mod.on_fit_start()

@@ -24,6 +24,7 @@ from evaluation.judges.openai_judge import (
     correctness_prompt,
     parse_verdict,
 )
+from tests.helpers import openai_judge
 
 SECRET = "sk-test-SECRET123"
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def make_judge(server, tmp_path, monkeypatch):
     def make(**kw) -> OpenAIJudge:
         args = dict(base_url=server.url, cache_path=tmp_path / "cache" / "judge.sqlite", timeout_s=2.0)
         args.update(kw)
-        judge = OpenAIJudge(**args)
+        judge = openai_judge(**args)
         judges.append(judge)
         return judge
 
@@ -435,12 +436,12 @@ def test_api_key_never_leaks(make_judge, server, tmp_path, caplog) -> None:
 def test_missing_key_is_a_clear_error(monkeypatch, server, tmp_path) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
-        OpenAIJudge(base_url=server.url, cache_path=None)
+        openai_judge(base_url=server.url, cache_path=None)
     monkeypatch.setenv("MY_JUDGE_KEY", "  ")
     with pytest.raises(JudgeError, match="MY_JUDGE_KEY"):
-        OpenAIJudge(base_url=server.url, api_key_env="MY_JUDGE_KEY")
+        openai_judge(base_url=server.url, api_key_env="MY_JUDGE_KEY")
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
-    judge = OpenAIJudge(base_url=server.url, api_key_env="MY_JUDGE_KEY", cache_path=tmp_path / "c.sqlite")
+    judge = openai_judge(base_url=server.url, api_key_env="MY_JUDGE_KEY", cache_path=tmp_path / "c.sqlite")
     assert judge.correctness([corr("dog", "a dog")])[0].verdict is True
     assert server.auth == [f"Bearer {SECRET}"]
     judge.close()
@@ -466,10 +467,11 @@ def test_hydra_config_instantiates(server, tmp_path, monkeypatch) -> None:
     cfg = OmegaConf.create(
         {"paths": {"root_dir": str(tmp_path)}, "judge": OmegaConf.load(ROOT / "configs/judge/openai.yaml")}
     )
-    cfg.judge.base_url = server.url
+    cfg.judge.connection.base_url = server.url
     judge = instantiate(cfg.judge)
     assert isinstance(judge, OpenAIJudge) and judge.name == cfg.judge.get("name") == "openai"
-    assert judge.model == "gpt-5-mini-2025-08-07" and judge.reasoning_effort == "minimal" and judge.seed == 0
+    r = judge.request
+    assert r.model == "gpt-5-mini-2025-08-07" and r.reasoning_effort == "minimal" and r.seed == 0
     assert judge.cache_path == tmp_path / "outputs/cache/judge.sqlite" and judge.cache_path.is_file()
     key = judge._cache_key("correctness", "p")
     monkeypatch.setattr("evaluation.judges.openai_judge.PROMPT_VERSION", PROMPT_VERSION + "-next")

@@ -11,8 +11,8 @@ from datamodules import SakeData
 from datamodules.builder import load_world, read_manifest
 from datamodules.pretrain import PretrainDataModule, PretrainTasks, stratified_holdout
 from datamodules.schema import norm_label, parse_options
-from evaluation.base import probes
 from evaluation.exact import exact_match
+from evaluation.unedited import probes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -219,7 +219,7 @@ def test_train_and_evaluate_run_on_real_schema_data(real_dir, tmp_path):
     data = ["data=sake", f"data.root={real_dir}", f"data.audio_root={real_dir / 'audio'}"]
     run(
         "train.py", "editor=mend", *data, "data.batch_size=2", "+trainer.max_steps=3",
-        "+trainer.limit_val_batches=1", "editor.module.network.rank=16",
+        "+trainer.limit_val_batches=1", "editor.hparams.rank=16",
         f"editor.callbacks.export.out_dir={tmp_path / 'mend'}", f"hydra.run.dir={tmp_path / 'train'}",
     )  # fmt: skip
     assert (tmp_path / "mend" / "editor.safetensors").is_file()

@@ -64,7 +64,7 @@ def test_a_killed_mend_run_resumes_with_the_readme_command(mini_dir, tmp_path):
         "data.batch_size=2",
         "data.max_instances=16",
         "+trainer.limit_val_batches=1",
-        "editor.module.network.rank=16",
+        "editor.hparams.rank=16",
         "editor.callbacks.last.every_n_train_steps=2",
     ]
     full, resumed = resumed_and_uninterrupted(tmp_path, common, "editor.callbacks.export.out_dir")
@@ -80,14 +80,14 @@ def test_a_killed_wise_calibration_resumes(mini_dir, tmp_path):
         "data.max_instances=4",
         "+trainer.limit_val_batches=1",
         "editor.callbacks.last.every_n_train_steps=1",
-        "editor.editor.steps=4",
-        "editor.editor.n_text=2",
-        "editor.editor.n_audio=2",
+        "editor.hparams.training.steps=4",
+        "editor.hparams.preservation.text=2",
+        "editor.hparams.preservation.audio=2",
         "editor.module.candidates=[{alpha:5.0,beta:20.0,gamma:10.0}]",
     ]
     full, resumed = resumed_and_uninterrupted(tmp_path, common, "editor.callbacks.export.out_dir")
     a, b = (yaml.safe_load((d / "editor.yaml").read_text()) for d in (full, resumed))
-    assert a["config"] == b["config"] and a["calibration"] == b["calibration"]
+    assert a["hparams"] == b["hparams"] and a["calibration"] == b["calibration"]
     sa, sb = (torch.load(d / "state.pt", weights_only=True) for d in (full, resumed))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -99,17 +99,17 @@ def test_a_killed_unke_calibration_resumes(mini_dir, tmp_path):
         "data.build_mini=false",
         "data.batch_size=1",
         "data.max_instances=3",
-        "trainer.limit_val_batches=1",
+        "+trainer.limit_val_batches=1",
         "editor.callbacks.last.every_n_train_steps=1",
         "editor.module.key_lrs=[1.0]",
         "editor.module.max_steps=30",
-        "editor.editor.block_steps=3",
-        "editor.editor.n_text=2",
-        "editor.editor.n_audio=1",
+        "editor.hparams.block.steps=3",
+        "editor.hparams.preservation.text=2",
+        "editor.hparams.preservation.audio=1",
     ]
     full, resumed = resumed_and_uninterrupted(tmp_path, common, "editor.callbacks.export.out_dir")
     a, b = (yaml.safe_load((d / "editor.yaml").read_text()) for d in (full, resumed))
-    assert a["config"] == b["config"] and a["calibration"] == b["calibration"]
+    assert a["hparams"] == b["hparams"] and a["calibration"] == b["calibration"]
 
 
 def test_a_killed_pretraining_resumes(mini_dir, tmp_path):

@@ -18,11 +18,11 @@ from datamodules.examples import PromptMaker
 from datamodules.schema import Query
 from evaluation import rescore
 from evaluation.judges.base import Judgment
-from evaluation.judges.openai_judge import OpenAIJudge
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import read_lines
 from evaluation.responses import QueryKeys
 from evaluation.run import RunMismatch, run_sweeps
+from tests.helpers import openai_judge
 
 from .test_evaluation import Recorder, sweeper
 
@@ -55,7 +55,7 @@ def test_other_settings_go_to_other_folders_and_a_shared_folder_is_refused(commo
     """The run-mixing sequence: 3 instances, then other editor settings, then 2 instances."""
     runs = tmp_path / "runs"
     evaluate(*common, "data.max_instances=3", f"hydra.run.dir={runs}/${{run_name}}")
-    brief = "editor.editor.base_system=Be brief."
+    brief = "editor.hparams.base_system=Be brief."
     evaluate(*common, "data.max_instances=3", brief, f"hydra.run.dir={runs}/${{run_name}}")
     folders = sorted(p.name for p in runs.iterdir())
     assert len(folders) == 2 and all(f.startswith("i_ike-tiny-sake_mini-") for f in folders)
@@ -64,7 +64,7 @@ def test_other_settings_go_to_other_folders_and_a_shared_folder_is_refused(commo
     evaluate(*common, "data.max_instances=3", *shared)
     other = evaluate(*common, "data.max_instances=3", brief, *shared, check=False)
     assert other.returncode != 0
-    said = 'editor.config.base_system: "You are a helpful assistant." there, "Be brief." now'
+    said = 'editor.config.hparams.base_system: "You are a helpful assistant." there, "Be brief." now'
     assert said in other.stderr
     fewer = evaluate(*common, "data.max_instances=2", *shared, check=False)
     assert fewer.returncode != 0 and "data.selection.single: 3 there, 2 now" in fewer.stderr
@@ -110,8 +110,8 @@ def test_pre_edit_answers_are_keyed_by_the_audio_content_not_its_name(tmp_path, 
 
 def test_the_llm_judges_cache_key_includes_its_server(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    a = OpenAIJudge(base_url="http://127.0.0.1:1/v1")
-    b = OpenAIJudge(base_url="http://127.0.0.1:2/v1")
+    a = openai_judge(base_url="http://127.0.0.1:1/v1")
+    b = openai_judge(base_url="http://127.0.0.1:2/v1")
     assert a._cache_key("correctness", "p") != b._cache_key("correctness", "p")
     assert a.identity()["base_url"] != b.identity()["base_url"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from lightning.fabric import Fabric
 
+from common import files as durable
 from datamodules import SakeData
-from datamodules import files as durable
 from evaluation.judges.base import Judgment
 from evaluation.judges.rule import RuleJudge
 from evaluation.lock import LOCK, RunLock, RunLocked

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from datamodules import AudioResolver, SakeData
 from datamodules.builder import load_world
-from evaluation.base import base_accuracy
+from evaluation.unedited import base_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "tiny-lalm"

@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from rich.progress import Progress
 
+from common.progress import progress_bar
 from datamodules.builder import Builder, PoolClip, SplitSizes, load_world, write_manifest, write_splits
 from datamodules.mini.sounds import SR, animal, general
 from datamodules.mini.speech import FEMALE_VARIANTS, MALE_VARIANTS, Espeak, Voice
@@ -118,8 +119,8 @@ def _sentences(parts: dict[str, list[str]], rng: np.random.Generator) -> list[st
     return [combos[i] for i in rng.permutation(len(combos))]
 
 
-# Language clips use one voice variant per gender: with a dozen timbres on top of eight
-# phonologies a tiny model learns language too slowly (tried: 43% after 1,000 steps).
+# Language clips use one voice variant per gender: a dozen timbres on top of eight phonologies
+# would make language too slow for a tiny model to learn.
 LANGUAGE_VARIANTS = {"male": ("m3",), "female": ("f3",)}
 
 
@@ -228,10 +229,10 @@ def build_mini(
     workers = workers or min(4, os.cpu_count() or 1)
     # Spawned workers import only what synthesis needs, so forking one per utterance is cheap.
     spawn = multiprocessing.get_context("spawn")
-    with Progress() as progress, ProcessPoolExecutor(workers, mp_context=spawn) as ex:
-        task = progress.add_task("synthesising SAKE-mini audio", total=len(specs))
+    bar = progress_bar("synthesising SAKE-mini audio", len(specs), unit="clips")
+    with bar as advance, ProcessPoolExecutor(workers, mp_context=spawn) as ex:
         for _ in ex.map(synthesise, specs, itertools.repeat(str(audio_root)), chunksize=64):
-            progress.advance(task)
+            advance(1)
     write_manifest(pool, tmp / "pool.jsonl")
     splits = Builder(pool, world, seed).build(sizes.split_sizes())
     write_splits(splits, tmp)
@@ -246,7 +247,12 @@ def build_mini(
         "seconds": round(time.time() - start, 1),
     }
     (tmp / "build.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process (a DDP rank) finished the same build first: use its
+        if not (out / "build.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("SAKE-mini: %d clips and splits written to %s in %.0f s", len(specs), out, time.time() - start)
     return out
 
@@ -267,3 +273,8 @@ def ensure_mini(root: str | Path, seed: int = 0, sizes: MiniSizes = MiniSizes())
             f"({FORMATS[FORMAT]}); remove {root} to rebuild it"
         )
     return root
+
+
+if __name__ == "__main__":  # python -m datamodules.mini.build [ROOT]: what `make run` does first
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    ensure_mini(sys.argv[1] if len(sys.argv) > 1 else "data/sake_mini")

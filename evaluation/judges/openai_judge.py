@@ -26,7 +26,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import asdict, dataclass
@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import openai
 
+from common.hparams import parse
 from datamodules.options import normalize, option_letters, resolve_answer
 from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
 
@@ -174,6 +175,28 @@ def consistency_prompt(case: ConsistencyCase) -> str:
     )
 
 
+@dataclass(frozen=True)
+class JudgeRequest:
+    """What each request asks, which decides the verdicts (and keys the verdict cache)."""
+
+    model: str
+    reasoning_effort: str | None  # None: not sent (non-reasoning models, servers that reject it)
+    seed: int | None  # None: not sent
+    temperature: float | None  # None: not sent (GPT-5 models accept only the default)
+    max_completion_tokens: int | None  # room for the reasoning and the one-line verdict; None: not sent
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the requests go and how fast: nothing here changes a verdict but `base_url`."""
+
+    base_url: str | None  # None: OPENAI_BASE_URL if set, else https://api.openai.com/v1
+    api_key_env: str  # the environment variable holding the key (never a config)
+    max_concurrency: int  # requests in flight at once
+    max_retries: int  # the openai client's retries of transient failures
+    timeout_s: float  # per request
+
+
 class OpenAIJudge:
     """LLM judge over the OpenAI chat-completions API, with shortcuts, a cache, retries and a thread pool."""
 
@@ -181,40 +204,31 @@ class OpenAIJudge:
 
     def __init__(
         self,
-        *,
-        name: str = "openai",
-        model: str = "gpt-5-mini-2025-08-07",
-        base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        reasoning_effort: str | None = "minimal",
-        seed: int | None = 0,
-        temperature: float | None = None,
-        max_completion_tokens: int | None = 512,
-        max_concurrency: int = 8,
-        max_retries: int = 6,
-        timeout_s: float = 60.0,
-        cache_path: str | os.PathLike[str] | None = None,
+        name: str,
+        request: JudgeRequest | Mapping,
+        connection: Connection | Mapping,
+        cache_path: str | os.PathLike[str] | None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        key = os.environ.get(api_key_env, "").strip()
+        """`request` and `connection` are the records or their plain data (configs/judge/openai.yaml)."""
+        source = "configs/judge/openai.yaml"
+        if not isinstance(request, JudgeRequest):
+            request = parse(JudgeRequest, request, source, "judge.request")
+        if not isinstance(connection, Connection):
+            connection = parse(Connection, connection, source, "judge.connection")
+        if connection.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {connection.max_concurrency}")
+        if connection.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {connection.max_retries}")
+        key = os.environ.get(connection.api_key_env, "").strip()
         if not key:
+            env = connection.api_key_env
             raise JudgeError(
-                f"judge=openai needs an API key in the environment variable {api_key_env}, which is unset or "
-                f"empty. Export it (`export {api_key_env}=...`), or use judge=rule for the offline judge."
+                f"judge=openai needs an API key in the environment variable {env}, which is unset or "
+                f"empty. Export it (`export {env}=...`), or use judge=rule for the offline judge."
             )
         self.name = name
-        self.model = model
-        self.api_key_env = api_key_env
-        self.reasoning_effort = reasoning_effort
-        self.seed = seed
-        self.temperature = temperature
-        self.max_completion_tokens = max_completion_tokens
-        self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.timeout_s = timeout_s
+        self.request, self.connection = request, connection
+        self.model = request.model
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.counters = JudgeCounters()
         self._lock = threading.Lock()
@@ -222,7 +236,11 @@ class OpenAIJudge:
         # counts every request it makes.
         http = openai.DefaultHttpxClient(event_hooks={"request": [self._count_call]})
         self._client = openai.OpenAI(
-            api_key=key, base_url=base_url, timeout=timeout_s, max_retries=max_retries, http_client=http
+            api_key=key,
+            base_url=connection.base_url,
+            timeout=connection.timeout_s,
+            max_retries=connection.max_retries,
+            http_client=http,
         )
         self.base_url = str(self._client.base_url)
         if self.cache_path is not None:
@@ -242,10 +260,10 @@ class OpenAIJudge:
             "model": self.model,
             "base_url": self.base_url,
             "prompt_version": PROMPT_VERSION,
-            "reasoning_effort": self.reasoning_effort,
-            "temperature": self.temperature,
-            "seed": self.seed,
-            "max_completion_tokens": self.max_completion_tokens,
+            "reasoning_effort": self.request.reasoning_effort,
+            "temperature": self.request.temperature,
+            "seed": self.request.seed,
+            "max_completion_tokens": self.request.max_completion_tokens,
         }
 
     def correctness(self, cases: Sequence[CorrectnessCase]) -> list[Judgment]:
@@ -351,7 +369,7 @@ class OpenAIJudge:
         setup error (JudgeError) stops the batch; any other failure leaves its case invalid."""
         out: dict[str, tuple[bool | None, str]] = {}
         pool = ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, len(todo)), thread_name_prefix="judge"
+            max_workers=min(self.connection.max_concurrency, len(todo)), thread_name_prefix="judge"
         )
         try:
             futures: dict[Future[tuple[bool | None, str]], str] = {
@@ -383,14 +401,15 @@ class OpenAIJudge:
             "model": self.model,
             "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}],
         }
-        if self.seed is not None:
-            kwargs["seed"] = self.seed
-        if self.reasoning_effort is not None:
-            kwargs["reasoning_effort"] = self.reasoning_effort
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        if self.max_completion_tokens is not None:
-            kwargs["max_completion_tokens"] = self.max_completion_tokens
+        r = self.request
+        if r.seed is not None:
+            kwargs["seed"] = r.seed
+        if r.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = r.reasoning_effort
+        if r.temperature is not None:
+            kwargs["temperature"] = r.temperature
+        if r.max_completion_tokens is not None:
+            kwargs["max_completion_tokens"] = r.max_completion_tokens
         return kwargs
 
     def _call(self, prompt: str) -> tuple[str | None, str]:
@@ -404,7 +423,7 @@ class OpenAIJudge:
             raise JudgeError(
                 f"{self.name} judge: {self.model} at {self.base_url} refused the request with HTTP "
                 f"{exc.status_code} ({self._redact(exc.message)}); not retried"
-                + (f" - check {self.api_key_env}" if exc.status_code in (401, 403) else "")
+                + (f" - check {self.connection.api_key_env}" if exc.status_code in (401, 403) else "")
             ) from None
         except openai.APIStatusError as exc:  # 400, 422, ... or 429/5xx after every retry
             return None, f"HTTP {exc.status_code}: {self._redact(exc.message)}"

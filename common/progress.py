@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,7 +44,9 @@ def progress_bar(
     Where the output is no terminal (a cluster job's log file, CI), the bar would stay silent,
     so the same figures go to the log instead, every `log_every_s` seconds and at the end."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit))
-    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+    console = Console(stderr=True)  # a file gets the log lines, not the bar's last frame
+    timing = (TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, *timing, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)
         state = {"logged": time.monotonic(), "done": 0}
         start = state["logged"]
@@ -66,10 +69,10 @@ def progress_bar(
         def advance(n: int = 1) -> None:
             bar.advance(task, n)
             state["done"] += n
-            if not bar.console.is_terminal and time.monotonic() - state["logged"] >= log_every_s:
+            if not console.is_terminal and time.monotonic() - state["logged"] >= log_every_s:
                 state["logged"] = time.monotonic()
                 report()
 
         yield advance
-        if not bar.console.is_terminal:
+        if not console.is_terminal:
             report()

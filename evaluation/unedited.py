@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.files import write_atomic
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
-from datamodules.files import write_atomic
 from datamodules.options import parse_options
 from datamodules.schema import EditInstance, Query, attribute_of
 from evaluation.judges import CorrectnessCase, Judge

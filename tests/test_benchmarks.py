@@ -1,0 +1,41 @@
+"""The benchmark scripts run as their docstrings say (on a few instances): a benchmark that no
+longer starts after a refactor would only be found when someone needs its figures."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> str:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    out = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def on(mini_dir: Path) -> tuple[str, ...]:
+    return f"data.root={mini_dir}", "data.build_mini=false"
+
+
+def test_evaluate_sweep_benchmark_prints_both_speeds(mini_dir):
+    out = bench("evaluate_sweep.py", "editor=mend", "+instances=2", *on(mini_dir))
+    assert re.search(r"2 instances \(\d+ queries, tiny on cpu\): naive [\d.]+ s/instance; batched", out), out
+
+
+def test_meta_train_benchmark_prints_its_throughput(mini_dir):
+    out = bench("meta_train.py", "editor=mend", "+steps=1", "+warmup=0", "data.batch_size=2", *on(mini_dir))
+    assert re.search(r"mend on tiny .* batch 2 edits .* s/step", out), out
+
+
+def test_fingerprint_benchmark_prints_the_digest():
+    out = bench("fingerprint.py", "+repeats=1")
+    assert re.search(r"fingerprint [0-9a-f]+: [\d.]+M parameters", out), out
