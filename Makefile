@@ -32,7 +32,7 @@ TIMES      := outputs/make-run-times.tsv
 stage = @t=$$(date +%s) && $(2) && echo "$(1)	$$(( $$(date +%s) - t ))" >> $(TIMES)
 run: setup
 	@mkdir -p outputs && printf 'setup (venv, installs)\t%s\n' $$(( $$(date +%s) - $(STARTED) )) > $(TIMES)
-	$(call stage,SAKE-mini build,$(BIN)/python -m datamodules.mini.build data/sake_mini)
+	$(call stage,SAKE-mini build,$(BIN)/python -m datamodules.sake build-mini --out data/sake_mini --if-missing)
 	$(call stage,MEND training,$(BIN)/python train.py editor=mend experiment=quickstart skip_if_exported=true)
 	$(call stage,sweeps (single + sequential),$(BIN)/python evaluate.py ckpt=$(QUICKSTART))
 	@awk -F'\t' '{ printf "  %-30s %3dm%02ds\n", $$1, $$2 / 60, $$2 % 60; s += $$2 } \

@@ -1,7 +1,7 @@
 """Load and check SAKE-format data (the real release, SAKE-mini, or a user-built split).
 
     python -m datamodules.sake check DATA_DIR [--audio-root DIR]
-    python -m datamodules.sake build-mini --out DIR [--seed N] [--train-per-attribute N ...]
+    python -m datamodules.sake build-mini --out DIR [--seed N] [--train-per-attribute N ...] [--if-missing]
     python -m datamodules.sake build --manifest pool.jsonl --out DIR [--world world.yaml] [--seed N]
 
 Layout (DATA_DIR or DATA_DIR/data):
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--test-per-attribute", type=int, default=None)
     b.add_argument("--val-per-attribute", type=int, default=None)
     b.add_argument("--clips-per-label", type=int, default=None, help="scale of the audio pools")
+    b.add_argument("--if-missing", action="store_true", help="do nothing where a build of this version is")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "check":
@@ -208,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         root = write_splits(Builder(read_manifest(args.manifest), world, args.seed).build(sizes), args.out)
         print(f"wrote SAKE splits to {root}; check them with: python -m datamodules.sake check {args.out}")
         return 0
-    from datamodules.mini.build import MiniSizes, build_mini
+    from datamodules.mini.build import MiniSizes, build_mini, ensure_mini
 
     overrides = {
         k: v for k, v in vars(args).items() if k.endswith(("per_attribute", "per_label")) and v is not None
     }
-    build_mini(args.out, seed=args.seed, sizes=MiniSizes(**overrides))
+    (ensure_mini if args.if_missing else build_mini)(args.out, seed=args.seed, sizes=MiniSizes(**overrides))
     return 0
 
 

@@ -110,3 +110,12 @@ def test_invalid_json_and_missing_layout_are_errors(tmp_path, capsys):
     assert "Animal.json" in capsys.readouterr().err
     assert sake_main(["check", str(tmp_path / "nowhere")]) == 2
     assert "no SAKE layout" in capsys.readouterr().err
+
+
+def test_build_mini_if_missing_keeps_a_finished_build_and_refuses_without_it(mini_dir):
+    """`make run` builds SAKE-mini as its own stage: a second run finds the build and keeps it."""
+    stamp = (mini_dir / "build.json").stat().st_mtime_ns
+    assert sake_main(["build-mini", "--out", str(mini_dir), "--if-missing"]) == 0
+    assert (mini_dir / "build.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="remove it to rebuild"):
+        sake_main(["build-mini", "--out", str(mini_dir)])

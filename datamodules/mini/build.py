@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -273,8 +272,3 @@ def ensure_mini(root: str | Path, seed: int = 0, sizes: MiniSizes = MiniSizes())
             f"({FORMATS[FORMAT]}); remove {root} to rebuild it"
         )
     return root
-
-
-if __name__ == "__main__":  # python -m datamodules.mini.build [ROOT]: what `make run` does first
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    ensure_mini(sys.argv[1] if len(sys.argv) > 1 else "data/sake_mini")
