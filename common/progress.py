@@ -44,7 +44,7 @@ def progress_bar(
     Where the output is no terminal (a cluster job's log file, CI), the bar would stay silent,
     so the same figures go to the log instead, every `log_every_s` seconds and at the end."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit))
-    console = Console(stderr=True)  # a file gets the log lines, not the bar's last frame
+    console = Console()  # stdout, where Hydra logs: a file gets the log lines, not the bar
     timing = (TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, *timing, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)

@@ -39,7 +39,7 @@ class ProgressLog(L.Callback):
         self._first = 0
 
     def _active(self, trainer: L.Trainer) -> bool:
-        return trainer.is_global_zero and (self.always or not sys.stderr.isatty())
+        return trainer.is_global_zero and (self.always or not sys.stdout.isatty())  # where Hydra logs
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._last = time.monotonic()
