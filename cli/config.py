@@ -108,9 +108,15 @@ def _relative(value, root: str):
     return value
 
 
-class _DropTip(logging.Filter):
+class _Drop(logging.Filter):
+    """Drops the records whose message starts with one of `starts`."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        return not str(record.msg).startswith(self.starts)
 
 
 def quiet_library_notices() -> None:
@@ -121,8 +127,15 @@ def quiet_library_notices() -> None:
     - Lightning's warning that a step-interval checkpoint of a manually optimised module holds
       the state after the step: that is the state a resumed run must continue from (the
       DataModule's count of consumed batches includes that step; datamodules/resume.py);
-    - transformers' per-tensor bar while a model loads (a line per load in a log file)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+    - transformers' per-tensor bar while a model loads (a line per load in a log file);
+    - what transformers says when Whisper's own `generate` (DeSTA's transcripts) hands its
+      suppress tokens over as arguments beside our generation config, and a default
+      `max_length` beside our `max_new_tokens`: the config's settings and `max_new_tokens`
+      are the ones used, as the messages themselves say."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("💡 Tip:"))
+    logging.getLogger("transformers.generation.utils").addFilter(
+        _Drop("Passing `generation_config` together with generation-related", "Both `max_new_tokens`")
+    )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings(
         "ignore", message="Using ModelCheckpoint with manual optimization and every_n_train"

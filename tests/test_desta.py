@@ -336,6 +336,7 @@ def test_hypernetworks_train_on_a_tiny_desta_and_are_scored(editor, mini_dir, tm
         f"hydra.run.dir={tmp_path / 'eval'}", f"response_cache={tmp_path / 'cache.sqlite'}",
     )  # fmt: skip
     assert f"| {editor} (export" in out.stdout + out.stderr  # the table row of this export
+    assert "[transformers]" not in out.stdout + out.stderr  # Whisper's generate notices (cli/config.py)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["counts"]["instances"]["single"] == 2
     assert metrics["run"]["model"].startswith("desta (")
