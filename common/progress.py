@@ -35,6 +35,13 @@ class _Rate(ProgressColumn):
         )
 
 
+def rate_and_eta(done: int, remaining: int | None, elapsed: float) -> tuple[float, float]:
+    """Items per second so far, and the seconds the `remaining` ones take at that rate (nan
+    where unknown)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return rate, (remaining / rate if remaining is not None and rate > 0 else float("nan"))
+
+
 @contextmanager
 def progress_bar(
     description: str, total: int, unit: str = "edits", log_every_s: float = 30.0
@@ -53,8 +60,7 @@ def progress_bar(
 
         def report() -> None:
             done, elapsed = state["done"], time.monotonic() - start
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (total - done) / rate if rate > 0 else float("nan")
+            rate, eta = rate_and_eta(done, total - done, elapsed)
             log.info(
                 "%s: %d/%d, %.2f %s/s, elapsed %.0f s, ETA %.0f s",
                 description,

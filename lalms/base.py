@@ -15,6 +15,7 @@ import abc
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -224,13 +225,11 @@ class LALM(abc.ABC):
         takes `logits_to_keep` already do this; the hook gives it to every family."""
         batch = self.to_device(self.encode(prompts))
         cfg = self.generation_config(max_new_tokens or self.max_new_tokens)
+        from lalms.hooks import hooked  # lalms.hooks builds on this module
+
         head = self.model.get_submodule(self.edit_sites.lm_head) if self.edit_sites.lm_head else None
-        handle = head.register_forward_pre_hook(_last_position) if head is not None else None
-        try:
+        with hooked(head, _last_position, pre=True) if head is not None else nullcontext():
             out = self.model.generate(**batch, generation_config=cfg)
-        finally:
-            if handle is not None:
-                handle.remove()
         new = out[:, batch["input_ids"].shape[1] :]
         return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 

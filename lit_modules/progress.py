@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 
+from common.progress import rate_and_eta
+
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ class ProgressLog(L.Callback):
             self._val_last = now
             total = self.val_total(trainer)
             done, elapsed = batch_idx + 1, now - self._val_start
-            eta = (total - done) * elapsed / done if total else math.nan
+            _, eta = rate_and_eta(done, total - done if total else None, elapsed)
             log.info("validation: batch %d/%s, %.0f s, ETA %s", done, total or "?", elapsed, seconds(eta))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,9 +91,7 @@ class ProgressLog(L.Callback):
     # ----------------------------------------------------------------- the figures
     def line(self, trainer: L.Trainer, now: float) -> str:
         step, total = self._first + self._done, self.total(trainer)
-        elapsed = now - self._start
-        rate = self._done / elapsed if elapsed > 0 else 0.0
-        eta = (total - step) / rate if total and rate > 0 else math.nan
+        rate, eta = rate_and_eta(self._done, total - step if total else None, now - self._start)
         where = f"step {step}/{total}" if total else f"step {step}"
         epoch = (
             f", epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
