@@ -34,10 +34,29 @@ from lalms.hooks import hooked
 
 @dataclass
 class Captured:
-    """Inputs and output gradients of one edited linear layer over one edit's valid positions."""
+    """Inputs and output gradients of one edited linear layer over one edit's positions that
+    carry both (`nonzero_rows`)."""
 
     x: torch.Tensor  # [N, d_in]
     delta: torch.Tensor  # [N, d_out]
+
+
+@dataclass
+class EditCapture:
+    """What an edit's hypernetwork reads: its gradients per edited layer and its own tokens."""
+
+    layers: list[Captured]  # in `param_names` order
+    tokens: torch.Tensor  # [T] the edit row's token ids (prompt and answer, padding removed)
+
+
+def nonzero_rows(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Positions kept for an edit, as the reference MEND keeps them: x AND delta non-zero.
+
+    A position without gradient (delta = 0: at the top edited layer every position but the
+    answer's) adds nothing to the gradient, and must not reach MEND's statistics or networks,
+    where normalisation would turn its zero into a non-zero input.
+    """
+    return (x != 0).any(-1) & (delta != 0).any(-1)
 
 
 @dataclass
@@ -61,8 +80,8 @@ class LowRankDelta:
 class HyperNetwork(nn.Module, abc.ABC):
     """The trainable part of a gradient-based editor for a set of linear layers of one model.
 
-    Subclasses implement `deltas`: from the captured edit gradients (and the requests, for
-    editors that condition on the edit's text), one `LowRankDelta` per edited layer per edit.
+    Subclasses implement `deltas`: from each edit's captured gradients (and its tokens, for
+    editors that condition on the edit), one `LowRankDelta` per edited layer per edit.
     The base model is held outside this module's parameters and state: checkpoints and exports
     carry the editor only.
     """
@@ -93,22 +112,20 @@ class HyperNetwork(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ each editor's rule
     @abc.abstractmethod
-    def deltas(
-        self, requests: Sequence[EditRequest], captured: Sequence[Sequence[Captured]]
-    ) -> list[list[LowRankDelta]]:
+    def deltas(self, captured: Sequence[EditCapture]) -> list[list[LowRankDelta]]:
         """One LowRankDelta per edited layer (in `param_names` order) for each edit."""
 
     # ------------------------------------------------------------------ gradient capture
     def capture(
         self, batch: Mapping[str, torch.Tensor], edit_rows: Sequence[int]
-    ) -> tuple[list[list[Captured]], torch.Tensor]:
+    ) -> tuple[list[EditCapture], torch.Tensor]:
         """Edit-loss gradients at the edited layers, one edit per row in `edit_rows`.
 
         One forward over the whole encoded batch (which may hold other rows, e.g. locality
         queries whose pre-edit logits are wanted too): the loss is the sum over edit rows of each
         row's mean answer NLL, so each edit's captured gradient is exactly its own loss's, and
-        rows never mix (positions belong to one row). Returns (per edit, per layer Captured;
-        the batch's detached pre-edit logits).
+        rows never mix (positions belong to one row). Returns (per edit its EditCapture; the
+        batch's detached pre-edit logits).
         """
         model = self.lalm.model
         inputs: dict[int, torch.Tensor] = {}
@@ -132,14 +149,15 @@ class HyperNetwork(nn.Module, abc.ABC):
             loss = answer_nll(logits[rows], labels[rows], reduction="none").sum()
             grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(self.module_paths))])
         mask = batch["attention_mask"].to(logits.device).bool()
-        captured: list[list[Captured]] = []
+        ids = batch["input_ids"].to(mask.device)
+        captured: list[EditCapture] = []
         for row in edit_rows:
             per_layer = []
             for i, g in enumerate(grads):
                 x, d = inputs[i][row][mask[row]], g[row][mask[row]].detach()
-                keep = (x.abs().sum(-1) > 0) | (d.abs().sum(-1) > 0)  # drop positions where both vanish
+                keep = nonzero_rows(x, d)
                 per_layer.append(Captured(x[keep], d[keep]))
-            captured.append(per_layer)
+            captured.append(EditCapture(per_layer, ids[row][mask[row]]))
         return captured, logits.detach()
 
     # ------------------------------------------------------------------ applying edits
@@ -147,7 +165,7 @@ class HyperNetwork(nn.Module, abc.ABC):
         """The edited weights for one request, as a name -> tensor map (for functional_call)."""
         batch = self.lalm.encode([request.prompt], [request.target])
         captured, _ = self.capture(batch, [0])
-        (deltas,) = self.deltas([request], captured)
+        (deltas,) = self.deltas(captured)
         params = dict(self.lalm.model.named_parameters())
         return {
             name: params[name] + d.dense().to(params[name].dtype)

@@ -1,19 +1,32 @@
 """MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al., 2022).
 
 For each edited linear layer W [d_out, d_in] the gradient of the edit loss is a sum of rank-1
-outer products delta_i x_i^T over token positions i (x: the layer's input, delta: the gradient
-of its output). MEND transforms each (x_i, delta_i) pair with a small network and rebuilds a
-pseudo-gradient from the transformed pairs, so the update stays low-rank and cheap for any
-layer width:
+outer products delta_n x_n^T over token positions n (x: the layer's input, delta: the gradient
+of its output). MEND transforms each (x_n, delta_n) pair with a small network and rebuilds a
+pseudo-gradient from the transformed pairs, so the update stays low-rank for any layer width.
+This is what the reference code computes (eric-mitchell/mend `algs/mend.py`, `nn.py`; the same
+code in EasyEdit's `trainer/algs/MEND.py`, `local_nn.py`, which SAKE ran), checked tensor by
+tensor against it (tests/test_hypernet_reference.py):
 
-    x, delta   <- normalised by running statistics (buffers: a resumed run keeps them)
-    (x', d')   <- g_shape([x, delta] * scale[p] + shift[p])   one network per weight shape,
-                                                              per-parameter scale and shift
-    W_new      =  W - edit_lr[p] * sum_i d'_i x'_i^T
+1. positions where x or delta is all zero are dropped (editors/hypernet.py: nonzero_rows);
+2. training only: running mean and variance of x and of delta absorb the kept positions (one
+   count for both; Welford's update, merged a batch at a time here), before they normalise
+   them: x^ = (x - mean_x) / (std_x + 1e-7), std the sample standard deviation;
+3. h_0 = [x^, delta^]; for each of the n_hidden + 1 layers
+       h_{l+1} = h_l + relu((U_l V_l h_l + b_l) * scale_l[m] + shift_l[m])
+   (U zero- and V standard-normal-initialised: the identity at first; the ReLU in every layer);
+   x' and delta' are the first d_in and last d_out entries of the last h;
+4. dW = sum_n delta'_n x'_n^T, and W_new = W - edit_lr[p] * dW with one learned edit_lr per
+   weight.
 
-The networks are stacks of low-rank residual layers initialised to the identity, so an
-untrained MEND takes a plain gradient step scaled by edit_lr. The update is returned in the
-low-rank form editors/hypernet.py applies; the base model stays frozen.
+`shared: true` (SAKE's setting) keeps one network and one set of statistics per weight shape,
+used by all weights of that shape with a learned scale and shift (mode m) per weight;
+`shared: false` one network per weight, without modes.
+
+The sign: the paper's rule subtracts (W - lr * dW), the reference code adds (its
+`p + updates[n]`, eric-mitchell/mend issue #13). Here the update subtracts, as the paper has
+it; the learned edit_lr can take either sign, so a trained reference MEND with the rates
+negated is the same editor.
 """
 
 from __future__ import annotations
@@ -24,9 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common import EditRequest, TrainPool
-from editors.hypernet import Captured, HyperNetwork, LowRankDelta
+from common import TrainPool
+from editors.hypernet import EditCapture, HyperNetwork, LowRankDelta
 from lalms.base import LALM
+
+STD_EPS = 1e-7  # added to the standard deviation, as the reference does
 
 
 @dataclass(frozen=True)
@@ -34,113 +49,157 @@ class MENDHParams:
     layers: tuple[int, ...] | None  # LLM layers edited; None: the model's edit_layers
     projections: tuple[str, ...]  # their MLP projections edited
     edit_lr: float  # the initial learned step per edited weight
-    rank: int  # the gradient networks' low-rank residual width (capped at d_in + d_out)
-    n_layers: int  # residual layers per gradient network
+    rank: int  # the networks' low-rank width (capped at d_in + d_out)
+    n_hidden: int  # the networks have n_hidden + 1 layers (SAKE: 1, two layers)
+    shared: bool  # one network and statistics per weight shape, a learned mode per weight
 
 
-class RunningNorm(nn.Module):
-    """Running mean and variance of feature vectors, merged batch by batch (Chan et al.)."""
+class RunningStats(nn.Module):
+    """Running mean and sum of squared deviations of x and delta over the positions seen.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    Buffers, so a resumed run continues with the same statistics. Merged a batch of positions
+    at a time (Chan et al.), which equals the reference's one-position-at-a-time Welford update.
+    """
+
+    def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
-        self.eps = eps
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("x_mean", torch.zeros(d_in, dtype=torch.float64))
+        self.register_buffer("x_m2", torch.zeros(d_in, dtype=torch.float64))
+        self.register_buffer("delta_mean", torch.zeros(d_out, dtype=torch.float64))
+        self.register_buffer("delta_m2", torch.zeros(d_out, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64)
+    def update(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         n = x.shape[0]
         if n == 0:
             return
-        mean_b = x.mean(0)
-        m2_b = ((x - mean_b) ** 2).sum(0)
         total = self.count + n
-        delta = mean_b - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2_b + delta**2 * self.count * n / total
+        for values, mean, m2 in ((x, self.x_mean, self.x_m2), (delta, self.delta_mean, self.delta_m2)):
+            values = values.detach().to(torch.float64)
+            batch_mean = values.mean(0)
+            shift = batch_mean - mean
+            m2 += ((values - batch_mean) ** 2).sum(0) + shift**2 * self.count * n / total
+            mean += shift * n / total
         self.count.copy_(total)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample standard deviations of x and delta (count - 1 in the denominator)."""
+        dof = self.count - 1
+        return (self.x_m2 / dof).sqrt(), (self.delta_m2 / dof).sqrt()
+
+    def normalise(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v - mean) / (std + 1e-7). Before two positions were seen (an untrained editor) the
+        inputs pass unchanged; the reference has no statistics then and stops."""
         if self.count < 2:
-            return x
-        var = (self.m2 / (self.count - 1)).to(x.dtype)
-        return (x - self.mean.to(x.dtype)) / torch.sqrt(var + self.eps)
+            return x, delta
+        x_std, delta_std = self.std()
+        return (
+            (x - self.x_mean.to(x.dtype)) / (x_std.to(x.dtype) + STD_EPS),
+            (delta - self.delta_mean.to(delta.dtype)) / (delta_std.to(delta.dtype) + STD_EPS),
+        )
 
 
-class LowRankResidual(nn.Module):
-    """h + up(relu(down(h))), with `up` zero-initialised: the identity at initialisation."""
+class IdentityInitLayer(nn.Module):
+    """h + relu((U V h + b) * scale[m] + shift[m]): the identity at initialisation (U = 0)."""
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, n_modes: int | None) -> None:
         super().__init__()
-        self.down = nn.Linear(dim, rank)
-        self.up = nn.Linear(rank, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.u = nn.Parameter(torch.zeros(dim, rank))
+        self.v = nn.Parameter(torch.randn(rank, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.n_modes = n_modes
+        if n_modes is not None:
+            self.mode_scale = nn.Parameter(torch.ones(n_modes, dim))
+            self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(torch.relu(self.down(h)))
+    def forward(self, h: torch.Tensor, mode: int | None = None) -> torch.Tensor:
+        z = (h @ self.v.T) @ self.u.T + self.bias
+        if mode is not None:
+            z = z * self.mode_scale[mode] + self.mode_shift[mode]
+        return h + z.clamp(min=0)  # clamp, as the reference: relu's gradient at 0 would be 0 too
 
 
 class GradientTransform(nn.Module):
-    """The network shared by all edited parameters of one shape, with per-parameter scale/shift."""
+    """One network over [x, delta] (d_in + d_out wide) and the statistics that normalise its
+    inputs; with `n_modes`, a learned scale and shift per weight that uses it."""
 
-    def __init__(self, d_in: int, d_out: int, n_params: int, rank: int, n_layers: int) -> None:
+    def __init__(self, d_in: int, d_out: int, rank: int, n_hidden: int, n_modes: int | None) -> None:
         super().__init__()
         dim = d_in + d_out
         self.d_in = d_in
-        self.layers = nn.Sequential(*[LowRankResidual(dim, min(rank, dim)) for _ in range(n_layers)])
-        self.scale = nn.Parameter(torch.ones(n_params, dim))
-        self.shift = nn.Parameter(torch.zeros(n_params, dim))
+        self.stats = RunningStats(d_in, d_out)
+        self.layers = nn.ModuleList(
+            [IdentityInitLayer(dim, min(rank, dim), n_modes) for _ in range(n_hidden + 1)]
+        )
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.cat([x, delta], dim=-1) * self.scale[index] + self.shift[index]
-        h = self.layers(h)
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor, mode: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised (x, delta) -> the transformed factors (x', delta')."""
+        h = torch.cat([x, delta], dim=-1)
+        for layer in self.layers:
+            h = layer(h, mode)
         return h[:, : self.d_in], h[:, self.d_in :]
 
 
+class MENDTransforms(nn.Module):
+    """MEND's trainable part for weights of the given (d_out, d_in) shapes, in edit order:
+    the gradient networks, their statistics and one learned step size per weight."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], hp: MENDHParams) -> None:
+        super().__init__()
+        self.shared = hp.shared
+        # the network of weight i (its key) and its mode: its index among the weights of its shape
+        self.keys: list[str] = []
+        self.modes: list[int | None] = []
+        counts: dict[str, int] = {}
+        for i, (d_out, d_in) in enumerate(shapes):
+            key = f"{d_out}x{d_in}" if hp.shared else f"weight{i}"
+            self.keys.append(key)
+            self.modes.append(counts.get(key, 0) if hp.shared else None)
+            counts[key] = counts.get(key, 0) + 1
+        self.networks = nn.ModuleDict()
+        for key, (d_out, d_in) in zip(self.keys, shapes, strict=True):
+            if key not in self.networks:
+                n_modes = counts[key] if hp.shared else None
+                self.networks[key] = GradientTransform(d_in, d_out, hp.rank, hp.n_hidden, n_modes)
+        self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(hp.edit_lr)))
+
+    def transform(self, i: int, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight i's kept positions (x [N, d_in], delta [N, d_out]) -> (x', delta'). In training
+        mode the statistics of its network first absorb these positions (as the reference)."""
+        net = self.networks[self.keys[i]]
+        x, delta = x.float(), delta.float()
+        if self.training:
+            net.stats.update(x, delta)
+        return net(*net.stats.normalise(x, delta), self.modes[i])
+
+    def update(self, i: int, x: torch.Tensor, delta: torch.Tensor) -> LowRankDelta:
+        """Weight i's update from one edit's positions: W_new = W - edit_lr[i] * sum_n delta'_n^T x'_n."""
+        x_out, delta_out = self.transform(i, x, delta)
+        return LowRankDelta(left=-self.edit_lrs[i] * delta_out, right=x_out)
+
+
 class MEND(HyperNetwork):
-    """MEND's trainable part for the edited linear weights of one model."""
+    """MEND for the edited linear weights of one model."""
 
     HParams = MENDHParams
 
     def __init__(self, lalm: LALM, hp: MENDHParams, pool: TrainPool) -> None:
         super().__init__(lalm, hp.layers, hp.projections)
         self.hp = hp
-        self.shape_keys = [f"{o}x{i}" for o, i in self.shapes]
-        counts: dict[str, int] = {}
-        self.shape_index = []  # the parameter's row in its shape's scale/shift
-        for key in self.shape_keys:
-            self.shape_index.append(counts.get(key, 0))
-            counts[key] = counts.get(key, 0) + 1
-        self.transforms = nn.ModuleDict()
-        for key, (d_out, d_in) in zip(self.shape_keys, self.shapes, strict=True):
-            if key not in self.transforms:
-                self.transforms[key] = GradientTransform(d_in, d_out, counts[key], hp.rank, hp.n_layers)
-        self.x_norms = nn.ModuleList([RunningNorm(d_in) for _, d_in in self.shapes])
-        self.delta_norms = nn.ModuleList([RunningNorm(d_out) for d_out, _ in self.shapes])
-        self.edit_lrs = nn.Parameter(torch.full((len(self.shapes),), float(hp.edit_lr)))
+        self.mend = MENDTransforms(self.shapes, hp)
 
-    def deltas(
-        self, requests: Sequence[EditRequest], captured: Sequence[Sequence[Captured]]
-    ) -> list[list[LowRankDelta]]:
-        """Transform every edit's (x, delta) pairs; the positions of all edits go through at once.
+    @property
+    def edit_lrs(self) -> nn.Parameter:
+        return self.mend.edit_lrs
 
-        In training mode the running statistics first absorb this batch (as MEND does).
-        """
-        out: list[list[LowRankDelta]] = [[] for _ in captured]
-        for i in range(len(self.shapes)):
-            counts = [len(c[i].x) for c in captured]
-            x = torch.cat([c[i].x for c in captured]).float()
-            d = torch.cat([c[i].delta for c in captured]).float()
-            if self.training:
-                self.x_norms[i].update(x)
-                self.delta_norms[i].update(d)
-            x2, d2 = self.transforms[self.shape_keys[i]](
-                self.x_norms[i](x), self.delta_norms[i](d), self.shape_index[i]
-            )
-            for b, (xb, db) in enumerate(zip(x2.split(counts), d2.split(counts), strict=True)):
-                # W_new = W - edit_lr * sum_n d'_n^T x'_n
-                out[b].append(LowRankDelta(left=-self.edit_lrs[i] * db, right=xb))
-        return out
+    def deltas(self, captured: Sequence[EditCapture]) -> list[list[LowRankDelta]]:
+        """Each edit's update, edit after edit and weight after weight in edit order: in training
+        the statistics grow as over the reference's single-edit steps (a batch of one, two
+        accumulated), each edit normalised with the positions up to its own."""
+        return [
+            [self.mend.update(i, layer.x, layer.delta) for i, layer in enumerate(cap.layers)]
+            for cap in captured
+        ]
