@@ -1,5 +1,13 @@
 """Meta-training a hypernetwork editor (MEND, KE) on SAKE edit instances.
 
+The objective is the one SAKE's MEND and KE were trained with (the SAKE authors' EasyEdit fork,
+`easyeditor/trainer/LALMTrainer.py` edit_step): for each edit,
+    loss = cedit * sum over its generality queries of the query's mean answer NLL
+         + cloc * sum over its locality queries of KL(pre || post), averaged over the
+           query's attended positions (prompt and answer alike),
+averaged over the edits of a step (the reference: one edit per batch, two accumulated and
+divided by two). The edit query itself carries the gradient the editor reads, not the loss.
+
 Each training step takes B edit instances and, for all of them at once:
 1. encodes one batch of rows: per edit, the edit query, its equivalents (generality: the text
    paraphrase and the other-audio queries, all answered with the target) and its locality
@@ -8,18 +16,16 @@ Each training step takes B edit instances and, for all of them at once:
    loss only) and the pre-edit logits of every row;
 3. turns the gradients into each edit's low-rank update and runs the model again with every
    row under its own edit (editors/hypernet.py), differentiably;
-4. scores the edited rows: NLL on edit + equivalents (the edit loss), KL(pre || post) on the
-   locality queries' answer positions (the locality loss), and teacher-forced success: a row
-   succeeds when every answer token (and the turn end) is the argmax, which is exactly when
-   greedy decoding produces the answer.
-Subclasses (lit_modules/mend.py, lit_modules/ke.py) combine the losses and pick the optimiser.
+4. scores the edited rows: the losses above, and teacher-forced success: a row succeeds when
+   every answer token (and the turn end) is the argmax, which is exactly when greedy decoding
+   produces the answer; locality, when the argmax of every answer position is unchanged.
+Subclasses (lit_modules/mend.py, lit_modules/ke.py) pick the optimiser.
 The base model is frozen and not a submodule: checkpoints hold the hypernetwork, its running
 statistics and the optimiser, nothing of the LALM.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 import math
 import random
@@ -46,7 +52,15 @@ from lit_modules.base import FrozenLALMModule, data_info, finite_everywhere, pla
 log = logging.getLogger(__name__)
 
 KINDS = ("edit", "text_equiv", "audio_equiv", "locality")
-METRICS = ("edit_loss", "loc_loss", "success_edit", "success_text_equiv", "success_audio_equiv", "locality")
+METRICS = (
+    "loss",
+    "edit_loss",
+    "loc_loss",
+    "success_edit",
+    "success_text_equiv",
+    "success_audio_equiv",
+    "locality",
+)
 
 
 @dataclass
@@ -94,8 +108,9 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-class HypernetModule(FrozenLALMModule, abc.ABC):
-    """Meta-training loop shared by the hypernetwork editors (manual optimisation)."""
+class HypernetModule(FrozenLALMModule):
+    """Meta-training loop shared by the hypernetwork editors (manual optimisation). Subclasses
+    take `cedit` and `cloc` (the objective's weights) and pick the optimiser."""
 
     def __init__(
         self,
@@ -126,41 +141,54 @@ class HypernetModule(FrozenLALMModule, abc.ABC):
         lalm = self.lalm
         enc = lalm.encode(batch.prompts, batch.answers)
         captured, pre = self.net.capture(enc, batch.edit_rows)
-        deltas = self.net.deltas(batch.requests, captured)
+        deltas = self.net.deltas(captured)
         with self.net.row_edits(deltas, batch.groups):
             post = lalm.logits(enc)
         labels = enc["labels"].to(post.device)
+        attended = enc["attention_mask"].to(post.device).bool()
         kinds = batch.kinds
-        rows = {
-            k: torch.tensor([i for i, kind in enumerate(kinds) if kind == k], dtype=torch.long) for k in KINDS
-        }
-        edited = torch.tensor([i for i, k in enumerate(kinds) if k != "locality"], dtype=torch.long)
 
-        out: dict[str, torch.Tensor] = {"edit_loss": answer_nll(post[edited], labels[edited])}
-        answer = answer_positions(labels)
+        def rows_of(*wanted: str) -> torch.Tensor:
+            return torch.tensor([i for i, k in enumerate(kinds) if k in wanted], dtype=torch.long)
+
+        generality, loc = rows_of("text_equiv", "audio_equiv"), rows_of("locality")
+        edit_of = torch.empty(len(kinds), dtype=torch.long)
+        for b, group in enumerate(batch.groups):
+            edit_of[group] = b
+        edit_of = edit_of.to(post.device)
+
+        def per_edit_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            """Sum of `values` (one per row in `rows`) within each edit, averaged over edits."""
+            sums = values.new_zeros(len(batch.groups)).index_add(0, edit_of[rows.to(post.device)], values)
+            return sums.mean()
+
+        out: dict[str, torch.Tensor] = {}
+        out["edit_loss"] = (
+            per_edit_mean(answer_nll(post[generality], labels[generality], reduction="none"), generality)
+            if len(generality)
+            else post.new_zeros(())
+        )
         success = greedy_hits(post, labels).float()
         for k in ("edit", "text_equiv", "audio_equiv"):
-            if len(rows[k]):
-                out[f"success_{k}"] = success[rows[k]].mean()
-        loc = rows["locality"]
+            rows = rows_of(k)
+            if len(rows):
+                out[f"success_{k}"] = success[rows].mean()
         if len(loc):
-            pre_lp = pre[loc, :-1].float().log_softmax(-1)
-            post_lp = post[loc, :-1].float().log_softmax(-1)
-            mask = answer[loc]
+            pre_lp = pre[loc].float().log_softmax(-1)
+            post_lp = post[loc].float().log_softmax(-1)
             kl = (pre_lp.exp() * (pre_lp - post_lp)).sum(-1)  # KL(pre || post) per position
-            out["loc_loss"] = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-            same = (pre_lp.argmax(-1) == post_lp.argmax(-1)) | ~mask
+            mask = attended[loc]
+            out["loc_loss"] = per_edit_mean((kl * mask).sum(-1) / mask.sum(-1), loc)
+            answer = answer_positions(labels[loc])
+            same = (pre_lp[:, :-1].argmax(-1) == post_lp[:, :-1].argmax(-1)) | ~answer
             out["locality"] = same.all(-1).float().mean()
         else:
             out["loc_loss"] = post.new_zeros(())
         return out
 
-    @abc.abstractmethod
     def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The meta-loss from `meta_step`'s losses (MEND: weighted sum; KE: Lagrangian)."""
-
-    def after_step(self, out: dict[str, torch.Tensor]) -> None:
-        """Called after each optimiser step (e.g. KE's Lagrange multiplier)."""
+        """cedit * edit loss + cloc * locality loss (SAKE's MEND and KE alike)."""
+        return self.hparams.cedit * out["edit_loss"] + self.hparams.cloc * out["loc_loss"]
 
     def _batch(self, examples: Sequence[EditExample], train: bool) -> MetaBatch:
         locality = self.hparams.locality_per_edit if train else None
@@ -181,7 +209,6 @@ class HypernetModule(FrozenLALMModule, abc.ABC):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hparams.max_grad_norm)
         if finite:
             opt.step()
-            self.after_step(out)
         else:  # a non-finite meta-gradient: skip the step on every rank
             self.skipped_steps += 1
         n = len(examples)
@@ -209,6 +236,7 @@ class HypernetModule(FrozenLALMModule, abc.ABC):
         self.net.eval()
         with torch.inference_mode(False):  # capturing the edit gradient needs autograd
             out = self.meta_step(self._batch(examples, train=False))
+        out["loss"] = self.objective(out)
         for k, v in out.items():
             self.val_metrics[k].update(v.detach(), weight=len(examples))
             self.log(f"val/{k}", self.val_metrics[k], on_step=False, on_epoch=True)

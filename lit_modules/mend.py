@@ -1,4 +1,11 @@
-"""Meta-training MEND: cedit * edit NLL + cloc * KL(pre || post), Adam with its own edit_lr rate."""
+"""Meta-training MEND: Adam on the gradient networks and the per-weight edit_lrs.
+
+SAKE's fork builds Adam over the networks and edit_lrs at `lr` (BaseTrainer.py:113, through
+MEND.outer_parameters) and a second Adam for edit_lrs at `lr_lr` (LALMTrainer.py:31), but steps
+that one after the first has zeroed the gradients (LALMTrainer.py:274-278): it never moves them,
+and edit_lrs learn at `lr`. `lr_lr: null` reproduces that; a number gives edit_lrs their own
+rate, as MEND's paper intends.
+"""
 
 from __future__ import annotations
 
@@ -24,16 +31,13 @@ class MENDModule(HypernetModule):
         max_grad_norm: float,
         seed: int,
         lr: float,
-        lr_lr: float,
+        lr_lr: float | None,
         cedit: float,
         cloc: float,
     ) -> None:
         hparams = plain(hparams)  # saved as plain data: checkpoints load with weights_only=True
         super().__init__(lalm, pool, method, hparams, locality_per_edit, max_grad_norm, seed)
         self.save_hyperparameters(ignore=["lalm", "pool"])
-
-    def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.hparams.cedit * out["edit_loss"] + self.hparams.cloc * out["loc_loss"]
 
     def extra_logs(self) -> dict[str, torch.Tensor]:
         lrs = self.net.edit_lrs.detach()
@@ -42,8 +46,10 @@ class MENDModule(HypernetModule):
         return logs
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        edit_lrs = [self.net.edit_lrs]
-        others = [p for n, p in self.net.named_parameters() if n != "edit_lrs"]
+        if self.hparams.lr_lr is None:
+            return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        edit_lrs = self.net.edit_lrs
+        others = [p for p in self.net.parameters() if p is not edit_lrs]
         return torch.optim.Adam(
-            [{"params": others, "lr": self.hparams.lr}, {"params": edit_lrs, "lr": self.hparams.lr_lr}]
+            [{"params": others, "lr": self.hparams.lr}, {"params": [edit_lrs], "lr": self.hparams.lr_lr}]
         )

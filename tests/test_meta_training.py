@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,6 +14,7 @@ import yaml
 from datamodules import SakeDataModule
 from editors.checkpoint import EditorModelMismatch, load_editor
 from lalms import Qwen2Audio
+from lalms.base import IGNORE_INDEX, answer_nll
 from lit_modules.base import ExportEditor
 from lit_modules.hypernet import MetaBatch
 from tests.helpers import training_module
@@ -91,8 +91,15 @@ def test_meta_training_logs_exports_and_the_export_loads(kind, shipped, mini_dir
     examples = list(itertools.islice(iter(data(mini_dir).dataset("val")), 4))
     mod.net.eval()
     outs = [mod.meta_step(MetaBatch.build(examples[i : i + 2], None, mod.hparams.seed)) for i in (0, 2)]
-    for key in ("success_edit", "success_text_equiv", "success_audio_equiv", "locality", "edit_loss"):
-        expected = sum(float(o[key]) for o in outs) / 2
+    for key in (
+        "success_edit",
+        "success_text_equiv",
+        "success_audio_equiv",
+        "locality",
+        "edit_loss",
+        "loc_loss",
+    ):
+        expected = sum(float(o[key].detach()) for o in outs) / 2
         assert float(metrics[f"val/{key}"]) == pytest.approx(expected, abs=1e-5), key
     assert float(metrics["val/edit_loss"]) > 0
 
@@ -206,30 +213,53 @@ def test_the_same_command_trains_the_same_editor_bit_for_bit(mini_dir, tmp_path)
     assert digests[0] == digests[1]
 
 
-def test_ke_multiplier_rises_with_violations_and_the_margin_shrinks_on_success(shipped):
-    mod = module(
-        "ke", shipped, "editor.module.margin_max=0.1", "editor.module.margin_min=0.05",
-        "editor.module.margin_shrink=0.5", "editor.module.lagrange_lr=1.0",
-    )  # fmt: skip
-    mod._trainer = SimpleNamespace(
-        strategy=SimpleNamespace(reduce=lambda x, reduce_op: x), sanity_checking=False
-    )
-    mod.after_step({"loc_loss": torch.tensor(0.3)})
-    assert float(mod.lagrange) == pytest.approx(0.2)
-    assert float(
-        mod.objective({"edit_loss": torch.tensor(1.0), "loc_loss": torch.tensor(0.3)})
-    ) == pytest.approx(1.0 + 0.2 * 0.2)
-    for _ in range(3):
-        mod.after_step({"loc_loss": torch.tensor(0.0)})
-    assert float(mod.lagrange) == 0.0  # never negative
-    mod.val_metrics["success_edit"].update(torch.tensor(0.5))
-    mod.on_validation_epoch_end()
-    assert float(mod.margin) == pytest.approx(0.1)  # edit success below shrink_at: margin kept
-    mod.val_metrics["success_edit"].reset()
-    mod.val_metrics["success_edit"].update(torch.tensor(0.95))
-    mod.on_validation_epoch_end()
-    mod.on_validation_epoch_end()
-    assert float(mod.margin) == pytest.approx(0.05)  # halved once, then held at margin_min
+def test_the_meta_objective_is_sakes_loss_edit_by_edit(shipped, mini_dir):
+    """Per edit: the sum over its generality queries of each one's mean answer NLL, and the sum
+    over its locality queries of KL(pre || post) averaged over every attended position, both
+    under that edit alone; averaged over the edits (LALMTrainer.edit_step in SAKE's fork)."""
+    mod = module("mend", shipped, "editor.hparams.edit_lr=1.0", "editor.module.cedit=0.3",
+                 "editor.module.cloc=2.0")  # fmt: skip
+    mod.net.eval()
+    examples = list(itertools.islice(iter(data(mini_dir).dataset("train")), 2))
+    batch = MetaBatch.build(examples, locality=None)
+    out = mod.meta_step(batch)
+    params = dict(shipped.model.named_parameters())
+    edit_losses, loc_losses, answer_only = [], [], []
+    for group in batch.groups:
+        row = group[0]
+        (cap,), _ = mod.net.capture(shipped.encode([batch.prompts[row]], [batch.answers[row]]), [0])
+        (deltas,) = mod.net.deltas([cap])
+        edited = {n: params[n] + d.dense() for n, d in zip(mod.net.param_names, deltas, strict=True)}
+        nll, kl, kl_answer = 0.0, 0.0, 0.0
+        with torch.no_grad():
+            for r in group[1:]:
+                enc = shipped.encode([batch.prompts[r]], [batch.answers[r]])
+                post = shipped.logits(enc, params=edited)
+                if batch.kinds[r] != "locality":
+                    nll += float(answer_nll(post, enc["labels"]))
+                    continue
+                pre = shipped.logits(enc).log_softmax(-1)
+                per_position = (pre.exp() * (pre - post.log_softmax(-1))).sum(-1)[0]
+                kl += float(per_position.mean())
+                kl_answer += float(per_position[:-1][enc["labels"][0, 1:] != IGNORE_INDEX].mean())
+        edit_losses.append(nll)
+        loc_losses.append(kl)
+        answer_only.append(kl_answer)
+    expected_edit, expected_loc = sum(edit_losses) / 2, sum(loc_losses) / 2
+    assert float(out["edit_loss"]) == pytest.approx(expected_edit, rel=1e-4)
+    assert float(out["loc_loss"]) == pytest.approx(expected_loc, rel=1e-3)
+    assert expected_loc > 1e-4 and abs(sum(answer_only) / 2 - expected_loc) > 1e-2 * expected_loc
+    assert float(mod.objective(out)) == pytest.approx(0.3 * expected_edit + 2.0 * expected_loc, rel=1e-3)
+
+
+def test_mend_edit_lrs_learn_at_lr_as_sakes_run_or_at_their_own_rate(shipped):
+    mod = module("mend", shipped, "editor.module.lr_lr=null", "editor.module.lr=0.25")
+    (group,) = mod.configure_optimizers().param_groups
+    assert group["lr"] == 0.25 and any(p is mod.net.edit_lrs for p in group["params"])
+    mod = module("mend", shipped, "editor.module.lr_lr=0.5")
+    others, lrs = mod.configure_optimizers().param_groups
+    assert lrs["params"] == [mod.net.edit_lrs] and lrs["lr"] == 0.5
+    assert not any(p is mod.net.edit_lrs for p in others["params"])
 
 
 @pytest.mark.slow
