@@ -8,9 +8,11 @@
    R = (z - h_L now) / (layers left), one column per variant; the update X (d_in x d_out) solves
        (P (K1 K1^T + C_prev) + lambda I) X = P K1 R^T,    W += X^T,
    where P projects onto the null space of the preserved keys' second moment (the eigenvectors
-   whose eigenvalue is below `null_threshold` times the largest; from the train split's
-   questions, editors/locate.py), so the update leaves the preserved keys' outputs unchanged,
-   and C_prev accumulates K1 K1^T of the edits applied before (sequential editing).
+   whose eigenvalue is below `null_threshold` times the largest, `null_space: relative`, or
+   below `null_threshold` itself, `null_space: absolute`, the reference's; from the train
+   split's questions, editors/locate.py), so the update leaves the preserved keys' outputs
+   unchanged, and C_prev accumulates K1 K1^T of the edits applied before (sequential editing).
+configs/editor/alphaedit_reference.yaml selects the reference's forms (jianghoucheng/AlphaEdit).
 The updates are written in place behind a `WeightSnapshot`; undo also restores C_prev.
 """
 
@@ -35,8 +37,25 @@ class AlphaEditHParams:
     neutral_question: str | None  # KL on this question about the clip; None: no KL term
     corpus: KeyCorpus  # the preserved keys' questions
     search: ValueSearch  # the target's search at the last edited block's output
-    null_threshold: float  # eigenvalues below this times the largest span the null space
+    null_space: str  # relative: eigenvalues below null_threshold times the largest span the null
+    # space | absolute: eigenvalues below null_threshold (the reference's: experiments/evaluate.py:418-422)
+    null_threshold: float
     ridge: float  # lambda
+
+
+NULL_SPACES = ("relative", "absolute")
+
+
+def null_directions(values: torch.Tensor, null_space: str, threshold: float) -> torch.Tensor:
+    """Which eigenvalues (of a symmetric positive semi-definite moment, ascending as from eigh)
+    span the null space: `relative` below threshold times the largest, `absolute` below the
+    threshold itself. The reference thresholds the singular values of the moment's SVD (its
+    eigenvalues' magnitudes: AlphaEdit experiments/evaluate.py:418-420), hence |values| there."""
+    if null_space == "relative":
+        return values < threshold * values.max()
+    if null_space == "absolute":
+        return values.abs() < threshold
+    raise ValueError(f"AlphaEdit null_space is one of {NULL_SPACES}, got {null_space!r}")
 
 
 class AlphaEdit:
@@ -45,6 +64,8 @@ class AlphaEdit:
     def __init__(self, lalm: LALM, hp: AlphaEditHParams, pool: TrainPool) -> None:
         if not hp.layers:
             raise ValueError("AlphaEdit needs at least one layer")
+        if hp.null_space not in NULL_SPACES:
+            raise ValueError(f"AlphaEdit null_space is one of {NULL_SPACES}, got {hp.null_space!r}")
         self.lalm, self.hp, self.pool = lalm, hp, pool
         count = lalm.edit_sites.num_llm_layers
         self.layers = sorted(int(layer) % count for layer in hp.layers)
@@ -61,7 +82,7 @@ class AlphaEdit:
         if site.path not in self._projections:
             moment = second_moment(self.lalm, site, self.pool, self.hp.corpus).float()
             values, vectors = torch.linalg.eigh(moment)
-            null = vectors[:, values < self.hp.null_threshold * values.max()]
+            null = vectors[:, null_directions(values, self.hp.null_space, self.hp.null_threshold)]
             self._projections[site.path] = null @ null.T
         return self._projections[site.path]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,15 +29,32 @@ log = logging.getLogger(__name__)
 POSITIONS = ("last", "last_audio", "audio")
 
 
+SCALES = ("layer", "positions", "lookup")
+DECAYS = ("squared", "linear")
+KL_DIRECTIONS = ("before_after", "after_before")
+
+
 @dataclass(frozen=True)
 class ValueSearch:
-    """The search for a target value at a module's output (`search_delta`)."""
+    """The search for a target value at a module's output (`search_delta`). The defaults of the
+    configs (scale layer, decay squared, kl before_after, early_stop_loss None) are this
+    project's forms; `lookup`, `linear`, `after_before` and early_stop_loss 0.05 are those of
+    ROME's and AlphaEdit's reference code (configs/editor/{rome,alphaedit}_reference.yaml)."""
 
     lr: float  # Adam on the additive delta
-    steps: int
-    kl_weight: float  # on KL(before || after) at a neutral question about the clip
-    weight_decay: float  # on (|delta| / s)^2
+    steps: int  # Adam updates (at most)
+    kl_weight: float  # on the KL term at a neutral question about the clip
+    weight_decay: float  # on the decay term (`decay`)
     clamp_norm: float  # |delta| <= clamp_norm * s
+    scale: str  # s: layer | positions | lookup (search_delta)
+    decay: str  # squared: (|delta| / s)^2 | linear: |delta| / s^2
+    kl: str  # before_after: KL(before || after) | after_before: KL(after || before)
+    early_stop_loss: float | None  # stop (before the update) once the loss is below this; None: never
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("scale", SCALES), ("decay", DECAYS), ("kl", KL_DIRECTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ValueSearch.{name} is one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -153,10 +170,54 @@ def second_moment(
 @dataclass
 class SearchTrace:
     """A delta search's trace: the first step at which the delta made greedy decoding produce
-    the labels (None: never), and |delta| / scale then. `train.py editor=unke` calibrates on it."""
+    the labels (None: never), and |delta| / scale then (`train.py editor=unke` calibrates on
+    them), and the loss at each step (before that step's update)."""
 
     solved_at: int | None = None
     norm: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def search_scale(h: torch.Tensor, where: torch.Tensor, scale: str) -> torch.Tensor:
+    """The scale s of the unedited output `h` ((B, T, D)) for a search that adds its delta where
+    `where` ((B, T) weights) > 0: the norm of
+    - `layer`: h, averaged over all positions (ROME, AlphaEdit here: at the last position alone an
+      MLP output can be near zero, which would forbid any edit);
+    - `positions`: h, averaged over the edited positions (UnKE: the state it moves);
+    - `lookup`: h at the first row's key position (the `where`-weighted mean of row 0's states:
+      the position itself for keys at one position), the references' |h_init| (kmeng01/rome
+      rome/compute_v.py:84 and :161; AlphaEdit AlphaEdit/compute_z.py:100 and :186)."""
+    h = h.detach().float()
+    where = where.to(h.device)
+    if scale == "layer":
+        return h.norm(dim=-1).mean()
+    if scale == "positions":
+        return h.norm(dim=-1)[where > 0].mean()
+    if scale == "lookup":
+        return torch.einsum("t,td->d", where[0].float(), h[0]).norm()
+    raise ValueError(f"search scale is one of {SCALES}, got {scale!r}")
+
+
+def decay_term(delta: torch.Tensor, s: torch.Tensor, decay: str) -> torch.Tensor:
+    """The weight-decay term before its weight: `squared` (|delta| / s)^2 (here), `linear`
+    |delta| / s^2 (the references': rome/compute_v.py:140-142, AlphaEdit/compute_z.py:165-167)."""
+    if decay == "squared":
+        return (delta.norm() / s) ** 2
+    if decay == "linear":
+        return delta.norm() / s**2
+    raise ValueError(f"search decay is one of {DECAYS}, got {decay!r}")
+
+
+def kl_term(before: torch.Tensor, after: torch.Tensor, direction: str) -> torch.Tensor:
+    """KL between the neutral prompts' next-token log-distributions before and after the delta
+    (rows: prompts; the batch mean of the per-row sums): `before_after` KL(before || after)
+    (here), `after_before` KL(after || before) (the references': F.kl_div(init, current) at
+    rome/compute_v.py:137-139, AlphaEdit/compute_z.py:162-164)."""
+    if direction == "before_after":
+        return F.kl_div(after, before, log_target=True, reduction="batchmean")
+    if direction == "after_before":
+        return F.kl_div(before, after, log_target=True, reduction="batchmean")
+    raise ValueError(f"search kl is one of {KL_DIRECTIONS}, got {direction!r}")
 
 
 def search_delta(
@@ -167,21 +228,18 @@ def search_delta(
     neutral: dict[str, torch.Tensor] | None,
     neutral_where: torch.Tensor | None,
     search: ValueSearch,
-    scale_by: str = "layer",
     until_solved: bool = False,
 ) -> tuple[torch.Tensor, SearchTrace]:
     """(delta, trace): the additive delta at `module`'s output, added at each row's positions
     where `where` > 0 ((B, T)), that makes the model answer `batch`'s labels. Adam (search.lr,
-    search.steps) on NLL + kl_weight * KL(before || after) of the next-token distribution at the
-    last position of `neutral` (delta added where `neutral_where` > 0) + weight_decay *
-    (|delta| / s)^2, with |delta| clamped to clamp_norm * s. The scale s of the unedited output is
-    - `layer`: its mean norm over all positions (ROME, AlphaEdit: at the last position alone an
-      MLP output can be near zero, which would forbid any edit);
-    - `positions`: its mean norm at the edited positions (UnKE: the state it moves).
-    Both terms are relative to s, so the settings carry across layers and models of any scale.
-    `until_solved` stops at the first step whose delta makes greedy decoding give the labels."""
-    if scale_by not in ("layer", "positions"):
-        raise ValueError(f"search_delta: scale_by is 'layer' or 'positions', got {scale_by!r}")
+    at most search.steps updates) on NLL + kl_weight * KL (`kl_term`, search.kl) of the
+    next-token distribution at the last position of `neutral` (delta added where `neutral_where`
+    > 0) + weight_decay * `decay_term` (search.decay), with |delta| clamped to clamp_norm * s
+    after each update; s is the unedited output's scale (`search_scale`, search.scale). Both the
+    decay and the clamp are relative to s, so the settings carry across layers and models of any
+    scale. The search stops before an update once the loss is below search.early_stop_loss (if
+    set; the references': rome/compute_v.py:150-151); `until_solved` stops at the first step
+    whose delta makes greedy decoding give the labels."""
     delta: torch.Tensor | None = None
     scale: list[torch.Tensor] = []
 
@@ -191,8 +249,7 @@ def search_delta(
             h = hidden(out)
             if delta is None:  # first call: size the delta and the scale from the unedited output
                 delta = torch.zeros(h.shape[-1], device=h.device, dtype=torch.float, requires_grad=True)
-                norms = h.detach().float().norm(dim=-1)
-                scale.append(norms.mean() if scale_by == "layer" else norms[w.to(h.device) > 0].mean())
+                scale.append(search_scale(h, w, search.scale))
             return with_hidden(out, h + (w > 0).to(h.device, h.dtype)[..., None] * delta.to(h.dtype))
 
         return hook
@@ -214,13 +271,15 @@ def search_delta(
                 trace.solved_at, trace.norm = step, float(delta.detach().norm() / scale[0])
                 if until_solved:
                     break
-            decay = search.weight_decay * (delta.norm() / scale[0]) ** 2
+            decay = search.weight_decay * decay_term(delta, scale[0], search.decay)
             loss = answer_nll(logits, batch["labels"]) + decay
             if neutral is not None:
                 with hooked(module, add(neutral_where)):
                     after = lalm.logits(neutral)[:, -1].float().log_softmax(-1)
-                kl = F.kl_div(after, before, log_target=True, reduction="batchmean")
-                loss = loss + search.kl_weight * kl
+                loss = loss + search.kl_weight * kl_term(before, after, search.kl)
+            trace.losses.append(float(loss.detach()))
+            if search.early_stop_loss is not None and trace.losses[-1] < search.early_stop_loss:
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

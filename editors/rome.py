@@ -10,6 +10,7 @@ edit is computed on the already edited audio path: the cross-modal sequential va
    same clip (`neutral_question`), weight decay and a norm clamp: v* = W k* + b + delta;
 3. dW = (v* - W k* - b) (C^-1 k*)^T / (k*^T C^-1 k*), C = E[k k^T] of the layer's inputs over
    the train split's questions (editors/locate.py; cached on disk per model and layer).
+configs/editor/rome_reference.yaml selects the reference's forms (kmeng01/rome) where they differ.
 The update is written in place behind a `WeightSnapshot`, so undo is bitwise and sequential
 edits accumulate.
 """
@@ -34,7 +35,8 @@ class ROMEHParams:
     neutral_question: str | None  # KL on this question about the clip; None: no KL term
     corpus: KeyCorpus  # the second moment C's questions
     search: ValueSearch  # the target value's search
-    regularisation: float  # added to C, times its mean diagonal
+    regularisation: float  # added to C, times its mean diagonal; 0: the plain inverse C^-1 (the
+    # reference's, kmeng01/rome rome/compute_u.py:51-53)
 
 
 class ROME:
@@ -48,11 +50,13 @@ class ROME:
         self._inverse: dict[str, torch.Tensor] = {}
 
     def inverse_moment(self, site: LinearSite) -> torch.Tensor:
-        """C^-1 (with `regularisation` times its mean diagonal added), computed once per site, on
-        the unedited model (`apply` computes every site's before its first edit)."""
+        """C^-1 (with `regularisation` times its mean diagonal added; with 0, C's own inverse),
+        computed once per site, on the unedited model (`apply` computes every site's before its
+        first edit)."""
         if site.path not in self._inverse:
             c = second_moment(self.lalm, site, self.pool, self.hp.corpus).float()
-            c = c + self.hp.regularisation * c.diagonal().mean() * torch.eye(len(c), device=c.device)
+            if self.hp.regularisation:
+                c = c + self.hp.regularisation * c.diagonal().mean() * torch.eye(len(c), device=c.device)
             self._inverse[site.path] = torch.linalg.inv(c)
         return self._inverse[site.path]
 

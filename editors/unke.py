@@ -130,17 +130,19 @@ class UnKE:
         out = self.block_call(batch)[2]
         where = torch.zeros(out.shape[:2])
         where[0, pos] = 1.0
-        search = ValueSearch(t.lr, t.steps, 0.0, t.weight_decay, t.clamp_norm)  # no neutral question: no KL
+        search = ValueSearch(  # no neutral question: no KL; s: the moved state's norm
+            lr=t.lr,
+            steps=t.steps,
+            kl_weight=0.0,
+            weight_decay=t.weight_decay,
+            clamp_norm=t.clamp_norm,
+            scale="positions",
+            decay="squared",
+            kl="before_after",
+            early_stop_loss=None,
+        )
         delta, trace = search_delta(
-            self.lalm,
-            self.block,
-            batch,
-            where,
-            None,
-            None,
-            search,
-            scale_by="positions",
-            until_solved=until_solved,
+            self.lalm, self.block, batch, where, None, None, search, until_solved=until_solved
         )
         return out[0, pos], out[0, pos] + delta.to(out.dtype), trace
 
