@@ -1,7 +1,8 @@
 """Meta-training throughput of a hypernetwork editor: instances/s, s/step and peak memory.
 
 Runs the real meta step (capture, edit, edited forward, backward, optimiser step) on SAKE batches
-through the same configs as train.py, without Lightning's loop around it:
+through the same configs as train.py (the editor's training batch size included: SAKE's 2 edits
+a step, the tiny model's 8), without Lightning's loop around it:
 
     python benchmarks/meta_train.py editor=mend                      # tiny model, SAKE-mini, CPU
     python benchmarks/meta_train.py editor=ke data.batch_size=4
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
-from cli.config import require  # noqa: E402
+from cli.config import apply_training_changes, require  # noqa: E402
 from lit_modules.hypernet import MetaBatch  # noqa: E402
 
 
@@ -36,6 +38,7 @@ from lit_modules.hypernet import MetaBatch  # noqa: E402
 def main(cfg: DictConfig) -> None:
     steps, warmup = int(cfg.get("steps", 5)), int(cfg.get("warmup", 1))
     editor = require(cfg, "editor", "the benchmark meta-trains an editor")
+    apply_training_changes(cfg, HydraConfig.get().overrides.task)
     torch.manual_seed(cfg.seed)
     lalm = instantiate(cfg.model)
     data = instantiate(cfg.data)

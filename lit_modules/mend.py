@@ -2,7 +2,7 @@
 
 SAKE's fork builds Adam over the networks and edit_lrs at `lr` (BaseTrainer.py:113, through
 MEND.outer_parameters) and a second Adam for edit_lrs at `lr_lr` (LALMTrainer.py:31), but steps
-that one after the first has zeroed the gradients (LALMTrainer.py:274-278): it never moves them,
+that one after the first has zeroed the gradients (LALMTrainer.py:274-279): it never moves them,
 and edit_lrs learn at `lr`. `lr_lr: null` reproduces that; a number gives edit_lrs their own
 rate, as MEND's paper intends.
 """
