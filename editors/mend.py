@@ -108,7 +108,6 @@ class IdentityInitLayer(nn.Module):
         self.u = nn.Parameter(torch.zeros(dim, rank))
         self.v = nn.Parameter(torch.randn(rank, dim))
         self.bias = nn.Parameter(torch.zeros(dim))
-        self.n_modes = n_modes
         if n_modes is not None:
             self.mode_scale = nn.Parameter(torch.ones(n_modes, dim))
             self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
@@ -149,7 +148,6 @@ class MENDTransforms(nn.Module):
 
     def __init__(self, shapes: Sequence[tuple[int, int]], hp: MENDHParams) -> None:
         super().__init__()
-        self.shared = hp.shared
         # the network of weight i (its key) and its mode: its index among the weights of its shape
         self.keys: list[str] = []
         self.modes: list[int | None] = []

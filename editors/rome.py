@@ -55,8 +55,7 @@ class ROME:
         first edit)."""
         if site.path not in self._inverse:
             c = second_moment(self.lalm, site, self.pool, self.hp.corpus).float()
-            if self.hp.regularisation:
-                c = c + self.hp.regularisation * c.diagonal().mean() * torch.eye(len(c), device=c.device)
+            c = c + self.hp.regularisation * c.diagonal().mean() * torch.eye(len(c), device=c.device)
             self._inverse[site.path] = torch.linalg.inv(c)
         return self._inverse[site.path]
 

@@ -40,7 +40,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from common import EditRequest, TrainPool
+from common import TrainPool
 from datamodules.examples import EditExample
 from editors.checkpoint import save_editor
 from editors.hypernet import HyperNetwork
@@ -72,13 +72,12 @@ class MetaBatch:
     kinds: list[str]  # one of KINDS per row
     groups: list[list[int]]  # rows of edit b
     edit_rows: list[int]  # the edit query's row of edit b
-    requests: list[EditRequest]
 
     @classmethod
     def build(cls, examples: Sequence[EditExample], locality: int | None = None, seed: int = 0) -> MetaBatch:
         """`locality`: how many locality queries (audio or text) per edit, sampled uniformly;
         None: all. The sample is a function of (seed, instance), not of any global RNG."""
-        out = cls([], [], [], [], [], [])
+        out = cls([], [], [], [], [])
 
         def add(prompt: Prompt, answer: str, kind: str) -> None:
             out.groups[-1].append(len(out.prompts))
@@ -90,7 +89,6 @@ class MetaBatch:
             inst = ex.instance
             out.groups.append([])
             out.edit_rows.append(len(out.prompts))
-            out.requests.append(ex.request())
             add(ex.edit.prompt, inst.target, "edit")
             for g in ex.generality:
                 add(g.prompt, inst.target, "text_equiv" if g.query.type == 1 else "audio_equiv")
