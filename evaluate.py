@@ -24,13 +24,23 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 from cli.config import build_editor, log_config, quiet_library_notices, register_resolvers, require  # noqa: E402
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
-from evaluation import compare, report, rescore, unedited  # noqa: E402
+from evaluation import batching, compare, report, rescore, unedited  # noqa: E402
 from evaluation.identity import run_identity  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import run_sweeps  # noqa: E402
 from evaluation.sweep import Sweeper  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+def batch_plan(cfg: DictConfig, editor, lalm, sweeper: Sweeper, instances) -> batching.BatchPlan:
+    """How many edits go in one batch (evaluation/batching.py), from the longest prompt among
+    the first instances' queries."""
+    sample = [q for inst in instances[:8] for q in inst.queries()]
+    tokens = int(lalm.encode([sweeper.prompt(q) for q in sample])["input_ids"].shape[1]) if sample else 1
+    queries = max((len(list(inst.queries())) for inst in instances), default=1)
+    k = cfg.edits_per_batch
+    return batching.plan(k, editor, lalm, queries, tokens, cfg.batch_size, cfg.max_new_tokens)
 
 
 def plan(cfg: DictConfig) -> str:
@@ -83,6 +93,13 @@ def main(cfg: DictConfig) -> None:
         log.info("split=%s has no sequences: running the single sweep only", cfg.split)
         sweeps.remove("sequential")
     sequences = data.eval_sequences() if "sequential" in sweeps else []
+    sweeper = Sweeper(
+        lalm, editor, judge, AudioResolver(data.audio_root), cache, cfg.max_new_tokens, cfg.batch_size,
+        fabric.global_rank, fabric.world_size,
+    )  # fmt: skip
+    batching = batch_plan(cfg, editor, lalm, sweeper, instances)
+    sweeper.edits_per_batch = batching.edits_per_batch
+    log.info("edits per batch: %d (%s)", batching.edits_per_batch, batching.reason)
     identity = run_identity(
         editor=editor_identity,
         model={"name": lalm.name, "fingerprint": fingerprint},
@@ -92,13 +109,13 @@ def main(cfg: DictConfig) -> None:
         sequences=sequences,
         sweeps={"sweeps": sweeps, **cfg.sequential},
         judge=judge.identity(),
-        generation={"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+        generation={
+            "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size,
+            "edits_per_batch": batching.edits_per_batch,
+        },
     )
-    sweeper = Sweeper(
-        lalm, editor, judge, AudioResolver(data.audio_root), cache, cfg.max_new_tokens, cfg.batch_size,
-        fabric.global_rank, fabric.world_size,
-    )  # fmt: skip
-    report_data = {"settings": settings, "data_report": data.report()}
+    report_data = {"settings": {**settings, "batching": batching.as_dict()}, "data_report": data.report()}
     metrics = run_sweeps(
         fabric, sweeper, out_dir, sweeps, instances, sequences, identity, **report_data, **cfg.sequential
     )

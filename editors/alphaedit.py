@@ -18,15 +18,17 @@ The updates are written in place behind a `WeightSnapshot`; undo also restores C
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from common import EditRequest, TrainPool
-from editors.base import WeightSnapshot
+from editors.base import BatchEdit, WeightSnapshot
 from editors.locate import KeyCorpus, LinearSite, ValueSearch, edit_batches, search_delta, second_moment
 from lalms.base import LALM
 from lalms.hooks import Trace
+from lalms.rows import RowEdits, RowsMemory, low_rank_memory
 
 
 @dataclass(frozen=True)
@@ -92,36 +94,80 @@ class AlphaEdit:
             self.lalm.logits(batch)
         return torch.einsum("bt,btd->bd", weights.to(t.output.dtype), t.output).float()
 
-    def apply(self, request: EditRequest) -> AlphaEditHandle:
-        for site in self.sites:  # every null space on the unedited model, before any update
-            self.projection(site)
+    def target(self, request: EditRequest) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(the edit batch, its key-position weights, the target residual z = h_L + delta) for
+        `request`, on the model as it is now."""
         lalm = self.lalm
         batch, neutral = edit_batches(lalm, request, self.hp.prefixes, self.hp.neutral_question)
         _, _, weights = self.sites[-1].keys_and_outputs(batch)
         neutral_weights = self.sites[-1].keys_and_outputs(neutral)[2] if neutral is not None else None
         delta, _ = search_delta(lalm, self.block, batch, weights, neutral, neutral_weights, self.hp.search)
-        target = self._residual_at(batch, weights) + delta
-        snapshot = WeightSnapshot(lalm.model, [s.param for s in self.sites])
+        return batch, weights, self._residual_at(batch, weights) + delta
+
+    def solve(
+        self,
+        request: EditRequest,
+        previous: dict[str, torch.Tensor],
+        write: Callable[[LinearSite, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    ) -> None:
+        """Each layer's update in order, each on the model with the lower layers' updates
+        written by `write(site, A, P K1, R)` (the update X solves A X = P K1 R^T); `previous`
+        (C_prev per site) gains each layer's K1 K1^T."""
+        batch, weights, target = self.target(request)
+        for i, site in enumerate(self.sites):
+            keys, _, _ = site.keys_and_outputs(batch)
+            k1 = keys.float().T  # (d_in, variants)
+            r = ((target - self._residual_at(batch, weights)) / (len(self.sites) - i)).T  # (d_out, variants)
+            p = self.projection(site)
+            c_prev = previous.get(site.path, torch.zeros_like(p))
+            a = p @ (k1 @ k1.T + c_prev) + self.hp.ridge * torch.eye(len(p), device=p.device)
+            write(site, a, p @ k1, r)
+            previous[site.path] = c_prev + k1 @ k1.T
+
+    def apply(self, request: EditRequest) -> AlphaEditHandle:
+        for site in self.sites:  # every null space on the unedited model, before any update
+            self.projection(site)
+        snapshot = WeightSnapshot(self.lalm.model, [s.param for s in self.sites])
         before = {k: v.clone() for k, v in self.previous.items()}
+
+        def write(site: LinearSite, a: torch.Tensor, pk1: torch.Tensor, r: torch.Tensor) -> None:
+            x = torch.linalg.solve(a, pk1 @ r.T)  # (d_in, d_out)
+            with torch.no_grad():
+                site.module.weight.add_(x.T.to(site.module.weight.dtype))
+
         try:
-            for i, site in enumerate(self.sites):
-                keys, _, _ = site.keys_and_outputs(batch)
-                k1 = keys.float().T  # (d_in, variants)
-                r = (
-                    (target - self._residual_at(batch, weights)) / (len(self.sites) - i)
-                ).T  # (d_out, variants)
-                p = self.projection(site)
-                c_prev = self.previous.get(site.path, torch.zeros_like(p))
-                a = p @ (k1 @ k1.T + c_prev) + self.hp.ridge * torch.eye(len(p), device=p.device)
-                x = torch.linalg.solve(a, p @ k1 @ r.T)  # (d_in, d_out)
-                with torch.no_grad():
-                    site.module.weight.add_(x.T.to(site.module.weight.dtype))
-                self.previous[site.path] = c_prev + k1 @ k1.T
+            self.solve(request, self.previous, write)
         except BaseException:
             snapshot.undo()
             self.previous = before
             raise
         return AlphaEditHandle(self, snapshot, before)
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once (editors/base.py), each seen by its own rows; each edit
+        solved on the model as its group's earlier edits left it (with the group's own C_prev),
+        its updates kept factored: dW = X^T = R (A^-1 P K1)^T, of rank the number of variants."""
+        for site in self.sites:
+            self.projection(site)
+        previous = [{k: v.clone() for k, v in self.previous.items()} for _ in requests]
+
+        def add(edits: RowEdits, pairs: Sequence[tuple[int, EditRequest]]) -> None:
+            for g, request in pairs:
+
+                def write(site: LinearSite, a: torch.Tensor, pk1: torch.Tensor, r: torch.Tensor) -> None:
+                    edits.push(site.path, g, r.T, torch.linalg.solve(a, pk1).T)  # noqa: B023
+
+                with edits.only(g):
+                    self.solve(request, previous[g], write)
+
+        batch = BatchEdit(self.lalm, len(requests), add)
+        batch.add(requests)
+        return batch
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """An edit's factors: of rank the number of context variants per layer."""
+        shapes = [tuple(site.module.weight.shape) for site in self.sites]
+        return low_rank_memory(shapes, max(len(self.hp.prefixes), 1), self.lalm.model.dtype)
 
 
 class AlphaEditHandle:

@@ -9,13 +9,15 @@ sequential edits accumulate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from common import EditRequest, TrainPool
-from editors.base import WeightSnapshot
+from editors.base import BatchEdit, WeightSnapshot, dense_rows
 from lalms.base import LALM, answer_nll
+from lalms.rows import RowsMemory, tensors_memory
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,12 @@ class FineTune:
                 params[name].copy_(value)
         self.steps_taken.append(steps)
         return snapshot
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once, each seen by its own rows: per edit a copy of the tuned
+        module's tensors (editors/base.py: dense_rows)."""
+        return dense_rows(self, self.lalm, requests)
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """A copy of the touched tensors per edit."""
+        return tensors_memory(self.lalm.model, self.param_names)

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from common import EditRequest
-from editors.base import WeightSnapshot
+from editors.base import BatchEdit, WeightSnapshot
 from lalms.base import LALM, answer_nll
 from lalms.hooks import hooked
+from lalms.rows import UNEDITED, RowEdits, RowsMemory, low_rank_memory
 
 
 @dataclass
@@ -176,25 +177,24 @@ class HyperNetwork(nn.Module, abc.ABC):
     def row_edits(
         self, deltas: Sequence[Sequence[LowRankDelta]], rows: Sequence[Sequence[int]]
     ) -> Iterator[None]:
-        """Within the block, model rows `rows[b]` run with edit b applied (see the module docstring)."""
-        model = self.lalm.model
+        """Within the block, model rows `rows[b]` run with edit b applied (see the module
+        docstring; lalms/rows.py, which the sweeps' batched edits use too). Gradients flow to
+        the deltas' factors."""
         if len(deltas) != len(rows):
             raise ValueError(f"{len(deltas)} edits but {len(rows)} row groups")
-        index = [torch.as_tensor(list(r), dtype=torch.long) for r in rows]
-
-        def hook(i: int):
-            def fn(_mod, args, out):
-                x = args[0]
-                idx = torch.cat(index).to(out.device)
-                corr = torch.cat([deltas[b][i](x[index[b].to(x.device)]) for b in range(len(rows))])
-                return out + torch.zeros_like(out).index_add(0, idx, corr.to(out.dtype))
-
-            return fn
-
-        with ExitStack() as stack:
-            for i, path in enumerate(self.module_paths):
-                stack.enter_context(hooked(model.get_submodule(path), hook(i)))
-            yield
+        groups = [UNEDITED] * (1 + max((r for rs in rows for r in rs), default=-1))
+        for b, rs in enumerate(rows):
+            for r in rs:
+                groups[r] = b
+        edits = RowEdits(self.lalm.model, self.lalm.edit_sites, len(deltas))
+        for b, per_layer in enumerate(deltas):
+            for path, d in zip(self.module_paths, per_layer, strict=True):
+                edits.push(path, b, d.left, d.right)
+        try:
+            with edits.assign(groups):
+                yield
+        finally:
+            edits.remove()
 
     def fingerprint(self) -> str:
         """A digest of the base model's edited weights: which model an editor was trained on."""
@@ -223,3 +223,29 @@ class HypernetEditor:
             for name, value in new.items():
                 params[name].copy_(value)
         return snapshot
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once (editors/base.py), each seen by its own rows: one batched
+        forward/backward over the K edit prompts captures every edit's gradients, each on the
+        model as its group's earlier edits left it; each update stays factored."""
+        net = self.network
+
+        def add(edits: RowEdits, pairs: Sequence[tuple[int, EditRequest]]) -> None:
+            prompts = [r.prompt for _, r in pairs]
+            groups = [g for g, _ in pairs]
+            batch = net.lalm.encode(prompts, [r.target for _, r in pairs])
+            with edits.rows(prompts, groups):
+                captured, _ = net.capture(batch, range(len(pairs)))
+            with torch.no_grad():
+                deltas = net.deltas(captured)
+            for g, per_layer in zip(groups, deltas, strict=True):
+                for path, d in zip(net.module_paths, per_layer, strict=True):
+                    edits.push(path, g, d.left.detach(), d.right.detach())
+
+        batch = BatchEdit(net.lalm, len(requests), add)
+        batch.add(requests)
+        return batch
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """An edit's factors: of rank at most the edit prompt's `tokens` (positions) per layer."""
+        return low_rank_memory(self.network.shapes, tokens, self.network.lalm.model.dtype)

@@ -9,13 +9,14 @@ each, oldest first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from common import EditRequest, TrainPool
-from editors.base import ContextHandle
+from editors.base import BatchEdit, ContextHandle, context_rows
 from lalms.base import LALM
 from lalms.prompt import Prompt
+from lalms.rows import RowsMemory
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,11 @@ class IIKE:
     def apply(self, request: EditRequest) -> ContextHandle:
         text = self.instruction(request)
         return ContextHandle(lambda p: replace(p, system=self.system(p, text)))
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once: each row's prompt carries its own edits' context."""
+        return context_rows(self, self.lalm, requests)
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """Nothing per edit but its prompt context (the rows are longer, not more)."""
+        return RowsMemory(per_edit=0)

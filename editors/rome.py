@@ -17,14 +17,16 @@ edits accumulate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from common import EditRequest, TrainPool
-from editors.base import WeightSnapshot
+from editors.base import BatchEdit, WeightSnapshot
 from editors.locate import KeyCorpus, LinearSite, ValueSearch, edit_batches, search_delta, second_moment
 from lalms.base import LALM
+from lalms.rows import RowEdits, RowsMemory, low_rank_memory
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,13 @@ class ROME:
 
     def update(self, site: LinearSite, request: EditRequest) -> torch.Tensor:
         """The rank-one dW of `site` for `request`, computed on the model as it is now."""
+        delta, ck, denominator = self.rank_one(site, request)
+        return torch.outer(delta, ck) / denominator
+
+    def rank_one(
+        self, site: LinearSite, request: EditRequest
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dW = delta (C^-1 k*)^T / (k*^T C^-1 k*) as (delta, C^-1 k*, k*^T C^-1 k*)."""
         batch, neutral = edit_batches(self.lalm, request, self.hp.prefixes, self.hp.neutral_question)
         keys, _, weights = site.keys_and_outputs(batch)
         neutral_weights = site.keys_and_outputs(neutral)[2] if neutral is not None else None
@@ -69,7 +78,7 @@ class ROME:
         )
         k = keys.float().mean(0)
         ck = self.inverse_moment(site) @ k
-        return torch.outer(delta, ck) / (k @ ck)
+        return delta, ck, k @ ck
 
     def apply(self, request: EditRequest) -> WeightSnapshot:
         for site in self.sites:  # every C on the unedited model, before this edit changes a site
@@ -84,3 +93,26 @@ class ROME:
             snapshot.undo()  # a failed edit leaves the model as it was
             raise
         return snapshot
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once (editors/base.py), each seen by its own rows; each edit's
+        rank-one updates computed on the model as its group's earlier edits (and its own earlier
+        sites) left it, and kept factored."""
+        for site in self.sites:
+            self.inverse_moment(site)
+
+        def add(edits: RowEdits, pairs: Sequence[tuple[int, EditRequest]]) -> None:
+            for g, request in pairs:
+                with edits.only(g):
+                    for site in self.sites:
+                        delta, ck, denominator = self.rank_one(site, request)
+                        edits.push(site.path, g, (delta / denominator)[None], ck[None])
+
+        batch = BatchEdit(self.lalm, len(requests), add)
+        batch.add(requests)
+        return batch
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """An edit's factors: rank one per site."""
+        shapes = [tuple(site.module.weight.shape) for site in self.sites]
+        return low_rank_memory(shapes, 1, self.lalm.model.dtype)

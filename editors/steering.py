@@ -17,14 +17,17 @@ admits it. Undo removes the edit's map, and the hook with the last one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from common import EditRequest, TrainPool
+from editors.base import BatchEdit
 from lalms.base import LALM, hidden, with_hidden
 from lalms.hooks import Trace
 from lalms.prompt import Prompt
+from lalms.rows import UNEDITED, RowEdits, RowsMemory
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,25 @@ class SteeringMap:
         return ((d @ self.precision) * d).sum(-1).clamp(min=0).sqrt()
 
 
+def steer(last: torch.Tensor, maps: Sequence[SteeringMap]) -> torch.Tensor | None:
+    """States `last` [B, d] moved by the map of the nearest source that admits each (None:
+    none is admitted)."""
+    best = torch.full((len(last),), -1, dtype=torch.long, device=last.device)
+    nearest = torch.full((len(last),), float("inf"), device=last.device)
+    for i, m in enumerate(maps):
+        d = m.distance(last)
+        take = (d <= m.radius) & (d < nearest)
+        best, nearest = torch.where(take, i, best), torch.where(take, d, nearest)
+    if not bool((best >= 0).any()):
+        return None
+    steered = last.clone()
+    for i, m in enumerate(maps):
+        rows = best == i
+        if rows.any():
+            steered[rows] = last[rows] @ m.a.T + m.b
+    return steered
+
+
 class Steering:
     HParams = SteeringHParams
 
@@ -116,20 +138,9 @@ class Steering:
         h = hidden(out)
         if self._paused or h.shape[1] == 1:  # reading states, or a decoding step (already steered)
             return out
-        last = h[:, -1].float()
-        best = torch.full((len(last),), -1, dtype=torch.long, device=last.device)
-        nearest = torch.full((len(last),), float("inf"), device=last.device)
-        for i, m in enumerate(self.maps):
-            d = m.distance(last)
-            take = (d <= m.radius) & (d < nearest)
-            best, nearest = torch.where(take, i, best), torch.where(take, d, nearest)
-        if not bool((best >= 0).any()):
+        steered = steer(h[:, -1].float(), self.maps)
+        if steered is None:
             return out
-        steered = last.clone()
-        for i, m in enumerate(self.maps):
-            rows = best == i
-            if rows.any():
-                steered[rows] = last[rows] @ m.a.T + m.b
         h = h.clone()
         h[:, -1] = steered.to(h.dtype)
         return with_hidden(out, h)
@@ -147,6 +158,39 @@ class Steering:
         if self._hook is None:
             self._hook = self.layer.register_forward_hook(self._steer)
         return SteeringHandle(self, fitted)
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once, each seen by its own rows: a row is steered by its own
+        group's maps only (fitted on unsteered states, as `apply`)."""
+        maps: list[list[SteeringMap]] = [[] for _ in requests]
+        path = self.lalm.edit_sites.resolve("llm.layers.-1")
+
+        def add(edits: RowEdits, pairs: Sequence[tuple[int, EditRequest]]) -> None:
+            with edits.only(UNEDITED):
+                for g, request in pairs:
+                    maps[g].append(self.fit(request))
+
+        def rows_steer(module, args, out, groups):
+            h = hidden(out)
+            if h.shape[1] == 1 or bool((groups < 0).all()):  # a decoding step, or nothing to steer
+                return out
+            h = h.clone()
+            for g in groups.unique().tolist():
+                rows = (groups == g).nonzero().flatten()
+                steered = steer(h[rows, -1].float(), maps[g]) if g >= 0 else None
+                if steered is not None:
+                    h[rows, -1] = steered.to(h.dtype)
+            return with_hidden(out, h)
+
+        batch = BatchEdit(self.lalm, len(requests), add)
+        batch.edits.hook(path, rows_steer)
+        batch.add(requests)
+        return batch
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """An edit's map: A and the source precision (d x d, float32), b and the mean."""
+        d = self.layer.mlp.down_proj.out_features if hasattr(self.layer, "mlp") else 0
+        return RowsMemory(per_edit=(2 * d * d + 2 * d) * 4)
 
 
 class SteeringHandle:

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from common import EditRequest, TrainPool
-from editors.base import Preservation, WeightSnapshot
+from editors.base import BatchEdit, Preservation, WeightSnapshot, dense_rows
 from editors.locate import SearchTrace, ValueSearch, search_delta
 from lalms.base import IGNORE_INDEX, LALM, hidden
 from lalms.hooks import hooked
+from lalms.rows import RowsMemory, tensors_memory
 
 
 @dataclass(frozen=True)
@@ -178,3 +179,14 @@ class UnKE:
             for name, value in tuned.items():
                 params[f"{self.path}.{name}"].copy_(value)
         return snapshot
+
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once, each seen by its own rows: per edit a copy of the trained
+        block's tensors (editors/base.py: dense_rows); the preserved keys are read on the
+        unedited model first."""
+        self.preserved()
+        return dense_rows(self, self.lalm, requests)
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """A copy of the touched tensors per edit."""
+        return tensors_memory(self.lalm.model, self.param_names)

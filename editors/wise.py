@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from common import EditRequest, TrainPool
-from editors.base import Preservation
+from editors.base import BatchEdit, Preservation
 from lalms.base import LALM, answer_nll
 from lalms.hooks import Trace
 from lalms.prompt import Prompt
+from lalms.rows import UNEDITED, RowEdits, RowsMemory
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,97 @@ class WISE:
         self._edits.append(x.detach()[0, in_mask[0]][None])
         self._install_hooks()
         return WISEHandle(self, before)
+
+    # ------------------------------------------------------------------ several edits at once
+    def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        """The K requests at once (editors/base.py), each seen by its own rows: per group its
+        own side memory, shards and edit list (trained by `apply` with the group's state in
+        place of the editor's, which is restored after); a row is routed on its own group's
+        memory and threshold, decided on the full prompt and kept while generating."""
+        self.out_of_scope()  # on the unedited model, before any group's state
+        weight = self.module.weight.detach()
+        groups_state: list[_Memory | None] = [None] * len(requests)
+
+        def add(edits: RowEdits, pairs: Sequence[tuple[int, EditRequest]]) -> None:
+            for g, request in pairs:
+                mine = self._memory()
+                self._remove_hooks()
+                self._restore(groups_state[g] or _Memory([torch.zeros_like(weight) for _ in self.shards],
+                                                         weight.clone(), [], 0.0))  # fmt: skip
+                try:
+                    with edits.only(UNEDITED):
+                        self.apply(request)
+                    groups_state[g] = self._memory()
+                finally:
+                    self._remove_hooks()
+                    self._restore(mine)
+
+        mask: list[torch.Tensor | None] = [None]
+        decision: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
+
+        def keep_mask(module, args, out, groups):
+            ids = args[0]
+            if ids.shape[1] > 1:  # a whole prompt (generation's later steps feed one token)
+                mask[0] = self.positions(ids, ids != self.lalm.pad_token_id)
+            return out
+
+        def route(module, args, out, groups):
+            x = args[0]
+            if x.shape[1] > 1 or decision[0] is None or decision[0][0] is not groups:
+                use = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+                for g in groups.unique().tolist():
+                    memory = groups_state[g] if g >= 0 else None
+                    if memory is None or not memory.edits:
+                        continue
+                    rows = (groups == g).nonzero().flatten()
+                    row_mask = mask[0][rows] if mask[0] is not None else None
+                    d = activation_distance(x[rows], (memory.side - module.weight).to(x.dtype), row_mask)
+                    use[rows] = d > memory.threshold
+                decision[0] = (groups, use)
+            use = decision[0][1]
+            if not bool(use.any()):
+                return out
+            out = out.clone()
+            for g in groups[use].unique().tolist():
+                rows = ((groups == g) & use).nonzero().flatten()
+                out[rows] = F.linear(x[rows], groups_state[g].side.to(x.dtype), module.bias)
+            return out
+
+        batch = BatchEdit(self.lalm, len(requests), add)
+        embeddings = next(
+            n for n, m in self.lalm.model.named_modules() if m is self.lalm.model.get_input_embeddings()
+        )
+        batch.edits.hook(embeddings, keep_mask)
+        batch.edits.hook(self.path, route)
+        batch.add(requests)
+        return batch
+
+    def rows_memory(self, tokens: int) -> RowsMemory:
+        """Per edit: its shards and side memory (copies of the down-projection) and its prompt's
+        activations."""
+        w = self.module.weight
+        return RowsMemory(
+            per_edit=(len(self.shards) + 1) * w.numel() * w.element_size() + tokens * w.shape[1] * 4
+        )
+
+    def _memory(self) -> _Memory:
+        threshold = self.threshold if self._edits else float("inf")
+        return _Memory(list(self.shards), self.side, list(self._edits), threshold)
+
+    def _restore(self, memory: _Memory) -> None:
+        self.shards, self.side, self._edits = list(memory.shards), memory.side, list(memory.edits)
+        if self._edits:
+            self._install_hooks()
+
+
+@dataclass
+class _Memory:
+    """One set of WISE's edit state: shards, side memory, edit activations, routing threshold."""
+
+    shards: list[torch.Tensor]
+    side: torch.Tensor
+    edits: list[torch.Tensor]
+    threshold: float
 
 
 class WISEHandle:

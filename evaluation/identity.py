@@ -9,7 +9,8 @@ command with another identity is refused, with the keys that differ named. The i
                 the instances and sequences selected, skip_missing_audio
     sweeps      which sweeps, the sequential window (first, max_gap)
     judge       the judge's settings that decide verdicts (model, prompt version, base_url, ...)
-    generation  max_new_tokens, batch_size
+    generation  max_new_tokens, batch_size, edits_per_batch (the K used: batched arithmetic may
+                differ from K=1's in the last bits, so a folder never mixes two K)
 
 `config_digest` is the part known before anything is loaded (the composed config's
 result-relevant keys); the default run folder name carries it, so another setting never
@@ -31,7 +32,7 @@ from datamodules.schema import EditInstance
 # Keys of the evaluation config whose values change results (evaluate.yaml); `editor` counts
 # with its method and hparams only, `fabric` (how many processes) not at all.
 CONFIG_KEYS = ("mode", "ckpt", "results", "runs", "model", "data", "judge", "sweeps", "sequential", "split",
-               "max_new_tokens", "batch_size")  # fmt: skip
+               "max_new_tokens", "batch_size", "edits_per_batch")  # fmt: skip
 # Data settings that only shape training batches.
 TRAINING_ONLY = ("batch_size", "num_workers", "shuffle_buffer", "seed")
 # Judge settings that decide how fast, not what: the connection's but its base_url, and the cache.

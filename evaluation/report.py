@@ -60,6 +60,12 @@ def _settings(m: Mapping[str, Any]) -> list[str]:
         if held_out:
             line += f" (held out, {held_out.get('edits', '?')} edits: {_flat(held_out)})"
         lines.append(line)
+    batching = editor.get("batching") or {}
+    if batching:
+        lines.append(
+            f"- edits per batch: {batching.get('edits_per_batch', '?')} "
+            f"(edits_per_batch={batching.get('requested', '?')}: {batching.get('reason', '')})"
+        )
     return lines
 
 
