@@ -35,19 +35,24 @@ log = logging.getLogger(__name__)
 HEADROOM = 0.9  # the share of the free memory a batch may take
 
 
+def kv_bytes_per_token(lalm: LALM) -> int:
+    """The KV cache's bytes per token: every LLM layer's key and value widths."""
+    size = torch.empty((), dtype=lalm.model.dtype).element_size()
+    kv = 0
+    for layer in lalm.model.get_submodule(lalm.edit_sites.llm_layers):
+        for name in ("k_proj", "v_proj"):
+            proj = getattr(layer.self_attn, name, None)
+            kv += proj.out_features if isinstance(proj, nn.Linear) else 0
+    return kv * size
+
+
 def generation_row_bytes(lalm: LALM, tokens: int, max_new_tokens: int) -> int:
     """Bytes one generated row takes (see the module docstring)."""
     size = torch.empty((), dtype=lalm.model.dtype).element_size()
     layers = lalm.model.get_submodule(lalm.edit_sites.llm_layers)
-    kv = widest = 0
-    for layer in layers:
-        attn = layer.self_attn
-        for name in ("k_proj", "v_proj"):
-            proj = getattr(attn, name, None)
-            kv += proj.out_features if isinstance(proj, nn.Linear) else 0
-        widest = max([widest, *(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))])
+    widest = max(m.out_features for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
     vocab = lalm.model.get_output_embeddings().weight.shape[0]
-    return (tokens + max_new_tokens) * kv * size + 4 * tokens * widest * size + 2 * vocab * 4
+    return (tokens + max_new_tokens) * kv_bytes_per_token(lalm) + 4 * tokens * widest * size + 2 * vocab * 4
 
 
 def free_bytes(device: torch.device) -> int:
@@ -111,6 +116,13 @@ def plan(
     rows = editor.rows_memory(tokens)
     generation_row = generation_row_bytes(lalm, tokens, max_new_tokens)
     free = free_bytes(lalm.device) if free is None else free
+    return choose(requested, rows, generation_row, queries_per_edit, batch_size, free)
+
+
+def choose(
+    requested: Any, rows: RowsMemory, generation_row: int, queries_per_edit: int, batch_size: int, free: int
+) -> BatchPlan:
+    """K from the figures of the memory model (see the module docstring)."""
     figures = dict(per_edit_bytes=rows.per_edit, per_row_bytes=rows.per_row + generation_row, free_bytes=free)
     if requested != "auto":
         k = requested

@@ -27,8 +27,9 @@ def on(mini_dir: Path) -> tuple[str, ...]:
 
 
 def test_evaluate_sweep_benchmark_prints_both_speeds(mini_dir):
-    out = bench("evaluate_sweep.py", "editor=mend", "+instances=2", *on(mini_dir))
-    assert re.search(r"2 instances \(\d+ queries, tiny on cpu\): naive [\d.]+ s/instance; batched", out), out
+    out = bench("evaluate_sweep.py", "+editors=[mend]", "+instances=4", "+k=2", *on(mini_dir))
+    assert re.search(r"4 instances, tiny on cpu", out), out
+    assert re.search(r"mend +[\d.]+ +[\d.]+ +[\d.]+x  (\d+)/\1", out), out  # K=2 answers as K=1
 
 
 def test_meta_train_benchmark_prints_its_throughput(mini_dir):
