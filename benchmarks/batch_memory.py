@@ -87,7 +87,8 @@ def main(cfg: DictConfig) -> None:
         f"Qwen2-Audio-7B architecture at depth {depth} ({lalm.model.dtype}, {lalm.device}), MEND on layers "
         f"{list(range(depth))}, {k} edits of prompts up to {tokens} tokens, {len(answers)} rows answered:"
     )
-    print(f"  factors held {held / 1e6:.1f} MB; predicted (K x per_edit, an upper bound) {predicted / 1e6:.1f} MB")
+    bound = predicted / 1e6
+    print(f"  factors held {held / 1e6:.1f} MB; predicted (K x per_edit, an upper bound) {bound:.1f} MB")
     print(f"  KV cache per token {kv_measured / 1e3:.1f} kB measured, {kv_predicted / 1e3:.1f} kB predicted")
 
     # Full size: SAKE's MEND on layers 29-31 (gate, up, down), 32 layers, bf16, on an 80 GB GPU.
@@ -100,7 +101,9 @@ def main(cfg: DictConfig) -> None:
     generation_row = int((sake_tokens + new) * kv_full + 4 * sake_tokens * ff * 2 + 2 * vocab * 4)
     mlp = [(ff, d), (ff, d), (d, ff)] * 3
     editors = {
-        "MEND (3 layers x 3 MLP projections, rank <= 200 tokens)": low_rank_memory(mlp, sake_tokens, torch.bfloat16),
+        "MEND (3 layers x 3 MLP projections, rank <= 200 tokens)": low_rank_memory(
+            mlp, sake_tokens, torch.bfloat16
+        ),
         "ROME (one down-projection, rank 1)": low_rank_memory([(d, ff)], 1, torch.bfloat16),
         "FT(LLM) (a copy of one decoder layer)": RowsMemory(per_edit=(4 * d * d + 3 * d * ff + 2 * d) * 2),
     }
