@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -23,21 +24,22 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from cli.config import build_editor, log_config, quiet_library_notices, register_resolvers, require  # noqa: E402
 from datamodules.audio_io import AudioResolver  # noqa: E402
+from datamodules.examples import PromptMaker  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
 from evaluation import batching, compare, report, rescore, unedited  # noqa: E402
 from evaluation.identity import run_identity  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
-from evaluation.run import run_sweeps  # noqa: E402
-from evaluation.sweep import Sweeper  # noqa: E402
+from evaluation.run import SweepPlan, run_sweeps  # noqa: E402
+from evaluation.sweep import Generation, Sweeper  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def batch_plan(cfg: DictConfig, editor, lalm, sweeper: Sweeper, instances) -> batching.BatchPlan:
+def batch_plan(cfg: DictConfig, editor, lalm, prompt: PromptMaker, instances) -> batching.BatchPlan:
     """How many edits go in one batch (evaluation/batching.py), from the longest prompt among
     the first instances' queries."""
     sample = [q for inst in instances[:8] for q in inst.queries()]
-    tokens = int(lalm.encode([sweeper.prompt(q) for q in sample])["input_ids"].shape[1]) if sample else 1
+    tokens = int(lalm.encode([prompt(q) for q in sample])["input_ids"].shape[1]) if sample else 1
     queries = max((len(list(inst.queries())) for inst in instances), default=1)
     k = cfg.edits_per_batch
     return batching.plan(k, editor, lalm, queries, tokens, cfg.batch_size, cfg.max_new_tokens)
@@ -81,11 +83,18 @@ def main(cfg: DictConfig) -> None:
         data.prepare_data()  # builds SAKE-mini on first use
     lalm = instantiate(cfg.model, device=str(fabric.device))
     fingerprint = lalm.fingerprint()
-    cache = ResponseCache(cfg.response_cache, fingerprint)
+    answers = lalm.answers_fingerprint(fingerprint)
+    cache = ResponseCache(cfg.response_cache, answers)
+    model = {"name": lalm.name, "fingerprint": fingerprint, "answers": answers}
+    resolver = AudioResolver(data.audio_root)
+    judged = {"model": model, "data": data, "judge": judge.identity(), "split": cfg.split}
     if cfg.get("editor") and cfg.editor.get("base_only"):
-        if fabric.global_rank == 0:  # one process: it is one batched pass over distinct queries
-            unedited.run(lalm, data, out_dir, judge, cache, cfg.batch_size, cfg.max_new_tokens, cfg.split)
-        return
+        generation = Generation(cfg.max_new_tokens, cfg.batch_size, edits_per_batch=1)
+        identity = run_identity(
+            editor={"name": "none"}, instances=data.eval_instances(cfg.split), sequences=[],
+            sweeps={"sweeps": []}, generation=asdict(generation), **judged,
+        )  # fmt: skip
+        return unedited.run(fabric, lalm, data, out_dir, judge, cache, generation, cfg.split, identity)
     editor, editor_identity, settings = build_editor(cfg, lalm, data.train_pool(lalm.sampling_rate))
     instances = data.eval_instances(cfg.split)
     sweeps = list(cfg.sweeps)
@@ -93,32 +102,17 @@ def main(cfg: DictConfig) -> None:
         log.info("split=%s has no sequences: running the single sweep only", cfg.split)
         sweeps.remove("sequential")
     sequences = data.eval_sequences() if "sequential" in sweeps else []
-    sweeper = Sweeper(
-        lalm, editor, judge, AudioResolver(data.audio_root), cache, cfg.max_new_tokens, cfg.batch_size,
-        fabric.global_rank, fabric.world_size,
-    )  # fmt: skip
-    batching = batch_plan(cfg, editor, lalm, sweeper, instances)
-    sweeper.edits_per_batch = batching.edits_per_batch
+    batching = batch_plan(cfg, editor, lalm, PromptMaker(resolver, lalm.sampling_rate), instances)
     log.info("edits per batch: %d (%s)", batching.edits_per_batch, batching.reason)
+    generation = Generation(cfg.max_new_tokens, cfg.batch_size, batching.edits_per_batch)
+    sweeper = Sweeper(lalm, editor, judge, resolver, cache, generation, fabric.global_rank, fabric.world_size)
+    sweep_plan = SweepPlan(sweeps, instances, sequences, **cfg.sequential)
     identity = run_identity(
-        editor=editor_identity,
-        model={"name": lalm.name, "fingerprint": fingerprint},
-        data=data,
-        split=cfg.split,
-        instances=instances,
-        sequences=sequences,
-        sweeps={"sweeps": sweeps, **cfg.sequential},
-        judge=judge.identity(),
-        generation={
-            "max_new_tokens": cfg.max_new_tokens,
-            "batch_size": cfg.batch_size,
-            "edits_per_batch": batching.edits_per_batch,
-        },
-    )
+        editor=editor_identity, instances=instances, sequences=sequences,
+        sweeps={"sweeps": sweeps, **cfg.sequential}, generation=asdict(generation), **judged,
+    )  # fmt: skip
     report_data = {"settings": {**settings, "batching": batching.as_dict()}, "data_report": data.report()}
-    metrics = run_sweeps(
-        fabric, sweeper, out_dir, sweeps, instances, sequences, identity, **report_data, **cfg.sequential
-    )
+    metrics = run_sweeps(fabric, sweeper, out_dir, sweep_plan, identity, **report_data)
     if fabric.global_rank == 0:
         log.info("\n%s\nfull report: %s", report.summary(metrics), out_dir / "report.md")
     return metrics

@@ -40,7 +40,7 @@ from editors.hypernet import HypernetEditor, HyperNetwork  # noqa: E402
 from editors.registry import build  # noqa: E402
 from evaluation.judges.rule import RuleJudge  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
-from evaluation.sweep import Sweeper  # noqa: E402
+from evaluation.sweep import Generation, Sweeper  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> None:
     pool = data.train_pool(lalm.sampling_rate)
     items = data.eval_instances()[:n]
     resolver = AudioResolver(data.audio_root)
-    cache = ResponseCache(None, lalm.fingerprint())  # in memory, shared by the editors timed
+    cache = ResponseCache(None, lalm.answers_fingerprint())  # in memory, shared by the editors timed
 
     model = HydraConfig.get().runtime.choices["model"]
     editors = {name: editor_named(name, model, lalm, pool) for name in names}
@@ -63,16 +63,8 @@ def main(cfg: DictConfig) -> None:
     for name, editor in editors.items():
         times, answers = {}, {}
         for edits in (1, k):
-            sweeper = Sweeper(
-                lalm,
-                editor,
-                RuleJudge(),
-                resolver,
-                cache,
-                cfg.max_new_tokens,
-                cfg.batch_size,
-                edits_per_batch=edits,
-            )
+            generation = Generation(cfg.max_new_tokens, cfg.batch_size, edits)
+            sweeper = Sweeper(lalm, editor, RuleJudge(), resolver, cache, generation)
             sweeper.prepare(items)  # the unedited answers: generated for the first editor, then cached
             batches = sweeper.batches(items)
             sweeper.answers(batches[0], [list(inst.queries()) for inst in batches[0]])  # warm-up

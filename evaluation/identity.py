@@ -4,12 +4,13 @@ A run folder keeps its identity in `run.json`. Re-running the same command resum
 command with another identity is refused, with the keys that differ named. The identity is
 
     editor      its full config (or, for an export, the export's config) and its weights' digest
-    model       name and fingerprint (every weight, the prompt rendering)
+    model       name, fingerprint (every weight, the prompt rendering) and answers (that and
+                the generation config, detokenisation, torch/transformers versions)
     data        name, split, the digest of the selected records and of every clip they use,
                 the instances and sequences selected, skip_missing_audio
     sweeps      which sweeps, the sequential window (first, max_gap)
     judge       the judge's settings that decide verdicts (model, prompt version, base_url, ...)
-    generation  max_new_tokens, batch_size, edits_per_batch (the K used: batched arithmetic may
+    generation  evaluation.sweep.Generation: max_new_tokens, batch_size, edits_per_batch (the K used: batched arithmetic may
                 differ from K=1's in the last bits, so a folder never mixes two K)
 
 `config_digest` is the part known before anything is loaded (the composed config's

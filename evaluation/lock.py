@@ -1,22 +1,27 @@
-"""One process per run folder: a lock file naming its holder.
+"""One process per run folder: an advisory lock held for the whole run.
 
 A second `evaluate.py` in a folder that another process is writing would append the same
-instances twice. The lock (`.lock`, JSON with the holder's PID, host and start time) is created
-exclusively; a process that finds it refuses, naming the holder, unless the holder is a process
-of this host that no longer exists (a killed run), whose lock it takes over.
+instances twice. The lock is `fcntl.flock` on `.lock`, held on an open descriptor for as long
+as the run lasts: the kernel grants it to one process at a time and releases it when that
+process ends however it ends (a crash or SIGKILL leaves no stale lock to clean up). Existence
+of the file means nothing; its content (JSON with the holder's PID, host and start time,
+written once the lock is held) only names the holder in the refusal.
+
+The file is never removed: removing it would let a process that opened the old file and one
+that creates a new one both hold "the" lock. `flock` is per host on some network file
+systems (NFS without lock forwarding); a run folder shared by several hosts needs one that
+forwards locks.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import logging
 import os
 import socket
 import time
 from pathlib import Path
 from types import TracebackType
-
-log = logging.getLogger(__name__)
 
 LOCK = ".lock"
 
@@ -25,56 +30,46 @@ class RunLocked(RuntimeError):
     """Another live process holds the run folder."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
 class RunLock:
-    """`with RunLock(folder):` holds `folder/.lock` for the block."""
+    """`with RunLock(folder):` holds `folder/.lock` for the block, or raises `RunLocked`."""
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / LOCK
-        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
-
-    def _create(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({**self.me, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        for _ in range(3):
-            if self._create():
-                return self
-            try:
-                holder = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # half-written by a process that died: stale
-                holder = {}
-            gone = not holder or (holder.get("host") == self.me["host"] and not _alive(int(holder["pid"])))
-            if gone:
-                log.warning("%s: taking over the lock of a finished process (%s)", self.path.parent, holder)
-                self.path.unlink(missing_ok=True)
-                continue
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd)
+            os.close(fd)
             raise RunLocked(
-                f"{self.path.parent} is in use by PID {holder.get('pid')} on {holder.get('host')} "
-                f"(since {holder.get('since')}); wait for it to finish, pick another run_name=..., or "
-                f"remove {self.path} if that process is gone"
-            )
-        raise RunLocked(f"{self.path}: could not take the lock")
+                f"{self.path.parent} is in use by PID {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"(since {holder.get('since', '?')}); wait for it to finish or pick another run_name=..."
+            ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # names no holder once released
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read(fd: int) -> dict:
+    """The holder as it wrote itself; empty while it is still writing (or an older format)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}

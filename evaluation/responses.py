@@ -1,8 +1,9 @@
 """The unedited model's responses, generated once per model and query and kept on disk.
 
 Every editor is scored against the same pre-edit responses, so they are generated in large
-batches before a sweep and stored in SQLite, keyed by the model's fingerprint (every weight and
-the prompt rendering) and the query as the model gets it: the rendered prompt, the content of
+batches before a sweep and stored in SQLite, keyed by `LALM.answers_fingerprint()` (every
+weight, the prompt rendering, the generation config as merged, detokenisation, the torch and
+transformers versions) and the query as the model gets it: the rendered prompt, the content of
 its audio (the file's bytes, not its name) and the generation length. Any editor's sweep on the
 same model reuses them; a rebuilt or re-encoded clip is asked again.
 """

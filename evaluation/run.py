@@ -13,11 +13,12 @@ and the metrics are reduced across ranks by torchmetrics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from datamodules.schema import EditInstance
 from evaluation import metrics as M
 from evaluation import report
 from evaluation.identity import differences
-from evaluation.lock import RunLock
+from evaluation.lock import RunLock, RunLocked
 from evaluation.records import (
     QueryResult,
     ResultsLog,
@@ -60,6 +61,37 @@ def check_run(out_dir: Path, identity: Mapping[str, Any]) -> None:
                 + "\nPick another run_name=..., or delete that folder to start over."
             )
     write_atomic(path, json.dumps({"identity": dict(identity)}, indent=1, default=str))
+
+
+REFUSALS: dict[str, type[Exception]] = {"RunLocked": RunLocked, "RunMismatch": RunMismatch}
+
+
+@contextmanager
+def claimed(fabric: Fabric, out_dir: Path, identity: Mapping[str, Any]) -> Iterator[None]:
+    """Hold the run folder for the block: rank 0 takes its lock and checks (or records) the
+    run's identity; every rank then learns whether that worked. A refusal (the folder is in
+    use, or holds another run) is raised on every rank with rank 0's message, so no rank is
+    left waiting at a barrier for one that gave up; any other failure of rank 0 is re-raised
+    there and reported on the others."""
+    with ExitStack() as held:
+        failure: tuple[str, str] | None = None
+        error: BaseException | None = None
+        if fabric.global_rank == 0:
+            try:
+                held.enter_context(RunLock(out_dir))
+                check_run(out_dir, identity)
+            except Exception as e:  # told to the other ranks first, then raised
+                failure, error = (type(e).__name__, str(e)), e
+        if fabric.world_size > 1:
+            failure = fabric.broadcast(failure, src=0)
+        if error is not None:
+            raise error
+        if failure is not None:
+            kind, message = failure
+            raise REFUSALS.get(kind, RuntimeError)(
+                message if kind in REFUSALS else f"rank 0: {kind}: {message}"
+            )
+        yield
 
 
 def describe(identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,50 +175,59 @@ def sweep_order(
     return [(s, t) for s, seq in enumerate(sequences) for t in range(len(seq))]
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a run sweeps (evaluate.py's `sweeps` and `sequential` settings, over the data)."""
+
+    sweeps: Sequence[str]
+    """Which sweeps, of "single" and "sequential"."""
+    instances: Sequence[EditInstance]
+    """The single sweep's edits, in data order."""
+    sequences: Sequence[Sequence[EditInstance]]
+    """The sequential sweep's sequences of edits."""
+    first: int
+    """Sequential: the first `first` edits of a sequence are re-evaluated after later edits ..."""
+    max_gap: int
+    """... up to `max_gap` edits later."""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sweeps if s not in SWEEPS]
+        if unknown:
+            raise ValueError(f"sweeps: unknown {unknown}; choose from {list(SWEEPS)}")
+
+
 def run_sweeps(
     fabric: Fabric,
     sweeper: Any,
     out_dir: Path,
-    sweeps: Sequence[str],
-    instances: Sequence[EditInstance],
-    sequences: Sequence[Sequence[EditInstance]],
+    plan: SweepPlan,
     identity: Mapping[str, Any],
-    first: int = 5,
-    max_gap: int = 5,
     settings: Mapping[str, Any] | None = None,
     data_report: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the sweeps; returns metrics.json's content (all ranks get it). `settings`
     (the editor's config, and for a trained editor what training chose) and `data_report` (e.g.
     what was left out for missing audio) are reported with it."""
-    unknown = [s for s in sweeps if s not in SWEEPS]
-    if unknown:
-        raise ValueError(f"sweeps: unknown {unknown}; choose from {list(SWEEPS)}")
-    with RunLock(out_dir) if fabric.global_rank == 0 else contextlib.nullcontext():
-        return _run_sweeps(fabric, sweeper, out_dir, sweeps, instances, sequences, identity, first, max_gap,
-                           settings, data_report)  # fmt: skip
+    with claimed(fabric, out_dir, identity):
+        metrics = _run_sweeps(fabric, sweeper, out_dir, plan)
+        metrics["run"] = {**describe(identity), **metrics["run"]}
+        metrics["identity"] = dict(identity)
+        if settings:
+            metrics["editor"] = dict(settings)
+        if data_report:
+            metrics["data"] = dict(data_report)
+        if fabric.global_rank == 0:
+            write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+            report.write(out_dir, metrics)
+        return metrics
 
 
-def _run_sweeps(
-    fabric: Fabric,
-    sweeper: Any,
-    out_dir: Path,
-    sweeps: Sequence[str],
-    instances: Sequence[EditInstance],
-    sequences: Sequence[Sequence[EditInstance]],
-    identity: Mapping[str, Any],
-    first: int,
-    max_gap: int,
-    settings: Mapping[str, Any] | None,
-    data_report: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    if fabric.global_rank == 0:
-        check_run(out_dir, identity)
-    fabric.barrier()
+def _run_sweeps(fabric: Fabric, sweeper: Any, out_dir: Path, plan: SweepPlan) -> dict[str, Any]:
+    instances, sequences = plan.instances, plan.sequences
     started = time.perf_counter()
     shard = "results.jsonl" if fabric.world_size == 1 else f"results.rank{fabric.global_rank}.jsonl"
     records: dict[str, list[dict[str, Any]]] = {}
-    for mode in sweeps:
+    for mode in plan.sweeps:
         folder = out_dir / mode
         order = sweep_order(mode, instances, sequences)
         if fabric.global_rank == 0:
@@ -199,7 +240,7 @@ def _run_sweeps(
         if mode == "single":
             sweeper.single(instances, results)
         else:
-            sweeper.sequential(sequences, results, first, max_gap)
+            sweeper.sequential(sequences, results, plan.first, plan.max_gap)
         fabric.barrier()
         if fabric.global_rank == 0:
             merge(folder, mode, order)
@@ -209,13 +250,5 @@ def _run_sweeps(
     keys = M.all_keys((i.attribute for i in instances), categories)
     metrics = tally(fabric, records, keys)
     wall = round(time.perf_counter() - started, 1)
-    metrics["run"] = {**describe(identity), "wall_seconds_this_session": wall}
-    metrics["identity"] = dict(identity)
-    if settings:
-        metrics["editor"] = dict(settings)
-    if data_report:
-        metrics["data"] = dict(data_report)
-    if fabric.global_rank == 0:
-        write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-        report.write(out_dir, metrics)
+    metrics["run"] = {"wall_seconds_this_session": wall}
     return metrics

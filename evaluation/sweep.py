@@ -48,6 +48,24 @@ def request(inst: EditInstance, prompt: Prompt) -> EditRequest:
     return EditRequest(prompt=prompt, target=inst.target, original=inst.original, attribute=inst.attribute)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """How a sweep generates answers (evaluate.py's settings; all of it is in the run's identity)."""
+
+    max_new_tokens: int
+    """Tokens an answer may have at most (greedy decoding)."""
+    batch_size: int
+    """Queries (rows) in one batched generation."""
+    edits_per_batch: int
+    """K edits evaluated in one batched generation, each row seeing only its own edit
+    (`Editor.apply_rows`); 1 applies one edit at a time."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "edits_per_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+
+
 @dataclass
 class Sweeper:
     """Runs an editor's sweeps on one LALM; shared by the single and sequential sweeps."""
@@ -57,31 +75,29 @@ class Sweeper:
     judge: Judge
     resolver: AudioResolver
     responses: ResponseCache
-    max_new_tokens: int = 32
-    batch_size: int = 64
+    generation: Generation
     rank: int = 0
     world_size: int = 1
     audio_cache_size: int = 512
-    edits_per_batch: int = 1  # K edits evaluated in one batched generation (Editor.apply_rows)
 
     def __post_init__(self) -> None:
-        if self.edits_per_batch < 1:
-            raise ValueError(f"edits_per_batch must be >= 1, got {self.edits_per_batch}")
-        if self.edits_per_batch > 1 and not hasattr(self.editor, "apply_rows"):
+        if self.generation.edits_per_batch > 1 and not hasattr(self.editor, "apply_rows"):
             raise ValueError(
                 f"{type(self.editor).__name__} cannot evaluate several edits in one batch (no apply_rows): "
                 "use edits_per_batch=1 (or auto)"
             )
         self.prompt = PromptMaker(self.resolver, self.lalm.sampling_rate, self.audio_cache_size)
-        self.key = QueryKeys(self.prompt, self.lalm.render, self.max_new_tokens)
+        self.key = QueryKeys(self.prompt, self.lalm.render, self.generation.max_new_tokens)
         self._pre: dict[str, str] = {}
 
     # ------------------------------------------------------------------ model calls
 
     def generate(self, prompts: Sequence[Prompt]) -> list[str]:
         out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            out += self.lalm.generate(prompts[start : start + self.batch_size], self.max_new_tokens)
+        for start in range(0, len(prompts), self.generation.batch_size):
+            out += self.lalm.generate(
+                prompts[start : start + self.generation.batch_size], self.generation.max_new_tokens
+            )
         return out
 
     def prepare(self, instances: Sequence[EditInstance]) -> None:
@@ -93,10 +109,10 @@ class Sweeper:
             pre_edit_responses(
                 queries,
                 self.responses,
-                lambda prompts: self.lalm.generate(prompts, self.max_new_tokens),
+                lambda prompts: self.lalm.generate(prompts, self.generation.max_new_tokens),
                 self.prompt,
                 self.key,
-                self.batch_size,
+                self.generation.batch_size,
             )
         )
 
@@ -129,7 +145,7 @@ class Sweeper:
             return
         left = sum(instance_id(inst) not in done for b in todo for inst in b)
         log.info("single editing: %d instances to do, %d already done, %d edits per batch",
-                 left, len(done), self.edits_per_batch)  # fmt: skip
+                 left, len(done), self.generation.edits_per_batch)  # fmt: skip
         self.prepare([inst for b in todo for inst in b])
         with progress_bar("single editing", left) as advance:
             for batch in todo:
@@ -153,7 +169,7 @@ class Sweeper:
     def batches(self, items: Sequence) -> list[list]:
         """`items` in consecutive batches of `edits_per_batch`: fixed by the data and the rank, so
         a resumed run evaluates every edit in the batch it had (the same rows, the same answers)."""
-        k = self.edits_per_batch
+        k = self.generation.edits_per_batch
         return [list(items[i : i + k]) for i in range(0, len(items), k)]
 
     def answers(
@@ -162,7 +178,7 @@ class Sweeper:
         """Each instance's answers to its `queries` with its own edit applied (one edit at a time
         with `apply`, or the batch's edits at once with `apply_rows`), and the seconds per edit."""
         start = time.perf_counter()
-        if self.edits_per_batch == 1:
+        if self.generation.edits_per_batch == 1:
             (inst,), (qs,) = batch, queries
             handle = self.apply(inst)
             try:
@@ -182,10 +198,10 @@ class Sweeper:
         """Answers to queries, each asked the model as edited by its group of `edit`, in batches
         of `batch_size` rows."""
         out: list[str] = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
+        for start in range(0, len(rows), self.generation.batch_size):
+            chunk = rows[start : start + self.generation.batch_size]
             with edit.rows([self.prompt(q) for _, q in chunk], [g for g, _ in chunk]) as asked:
-                out += self.lalm.generate(asked, self.max_new_tokens)
+                out += self.lalm.generate(asked, self.generation.max_new_tokens)
         return out
 
     def sequential(
@@ -206,7 +222,7 @@ class Sweeper:
         steps = sum(len(sequences[s]) - len(done.get(s, ())) for ss in todo for s in ss)
         with progress_bar("sequential editing", steps) as advance:
             for ss in todo:
-                if self.edits_per_batch == 1:
+                if self.generation.edits_per_batch == 1:
                     (s,) = ss
                     self._sequence(s, sequences[s], done.get(s, set()), results, first, max_gap, advance)
                 else:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric import Fabric
+
 from common.files import write_atomic
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
@@ -24,6 +26,8 @@ from datamodules.schema import EditInstance, Query, attribute_of
 from evaluation.judges import CorrectnessCase, Judge
 from evaluation.judges.rule import RuleJudge
 from evaluation.responses import QueryKeys, ResponseCache, pre_edit_responses
+from evaluation.run import claimed, describe
+from evaluation.sweep import Generation
 from lalms.base import LALM
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,7 @@ def base_accuracy(
     responses) and are judged by `judge` (default: the offline rule judge)."""
     todo = probes(items, world)
     judge = judge or RuleJudge()
-    cache = cache or ResponseCache(None, lalm.fingerprint())
+    cache = cache or ResponseCache(None, lalm.answers_fingerprint())
     queries = [Query(p.kinds[0], p.question, p.truth, (), p.file, p.track) for p in todo]
     prompt = PromptMaker(resolver, lalm.sampling_rate)
     key = QueryKeys(prompt, lalm.render, max_new_tokens)
@@ -114,33 +118,39 @@ def report(metrics: Mapping[str, Mapping[str, float]], title: str) -> str:
 
 
 def run(
+    fabric: Fabric,
     lalm: LALM,
     datamodule: Any,
     out_dir: str | Path,
     judge: Judge,
     cache: ResponseCache,
-    batch_size: int = 64,
-    max_new_tokens: int = 16,
-    split: str = "test",
-) -> dict[str, Any]:
-    """The unedited model on a SakeDataModule's split; writes metrics.json and report.md."""
-    items = datamodule.eval_instances(split)
-    accuracy = base_accuracy(
-        lalm, items, AudioResolver(datamodule.audio_root), datamodule.world(), batch_size, max_new_tokens,
-        judge, cache,
-    )  # fmt: skip
+    generation: Generation,
+    split: str,
+    identity: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """The unedited model on a SakeDataModule's split; writes metrics.json and report.md.
+
+    The run folder is held and identified like a sweep's (`run.claimed`: run.json, the lock, a
+    refusal on every rank); the accuracy is one batched pass over distinct queries, made by
+    rank 0 (the other ranks return None)."""
     out = Path(out_dir)
-    metrics = {
-        "base": {k: {"accuracy": round(100 * v["accuracy"], 4), "n": v["n"]} for k, v in accuracy.items()},
-        "run": {
-            "editor": "none",
-            "model": f"{lalm.name} ({lalm.fingerprint()})",
-            "judge": judge.name,
-            "data": f"{datamodule.name} {split} ({len(items)} instances)",
-        },  # fmt: skip
-    }
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    text = report(accuracy, f"Unedited {lalm.name} on {datamodule.name} {split} ({len(items)} instances)")
-    write_atomic(out / "report.md", text)
-    log.info("\n%s", text)
-    return metrics
+    with claimed(fabric, out, identity):
+        if fabric.global_rank != 0:
+            return None
+        items = datamodule.eval_instances(split)
+        accuracy = base_accuracy(
+            lalm, items, AudioResolver(datamodule.audio_root), datamodule.world(), generation.batch_size,
+            generation.max_new_tokens, judge, cache,
+        )  # fmt: skip
+        metrics = {
+            "base": {
+                k: {"accuracy": round(100 * v["accuracy"], 4), "n": v["n"]} for k, v in accuracy.items()
+            },
+            "run": describe(identity),
+            "identity": dict(identity),
+        }
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+        text = report(accuracy, f"Unedited {lalm.name} on {datamodule.name} {split} ({len(items)} instances)")
+        write_atomic(out / "report.md", text)
+        log.info("\n%s", text)
+        return metrics

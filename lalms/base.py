@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -125,10 +127,41 @@ class LALM(abc.ABC):
         """Everything besides the weights that changes what the model is given or answers."""
         return {"family": type(self).__name__, "template": self.template, "system": self.system_prompt}
 
+    def decoding(self) -> dict[str, Any]:
+        """What decides an answer besides the weights, the prompt rendering (`settings()`) and
+        the query: the generation config as `generate` merges it (the model's, then greedy
+        decoding; the length limit is part of each query's key), how tokens become text, and
+        the versions of the libraries that compute both."""
+        generation = self.generation_config(1).to_dict()
+        for volatile in ("max_new_tokens", "transformers_version"):
+            generation.pop(volatile, None)
+        tok = self.tokenizer
+        return {
+            "generation": generation,
+            "detokenize": {
+                "skip_special_tokens": True,
+                "clean_up_tokenization_spaces": getattr(tok, "clean_up_tokenization_spaces", None),
+                "bpe_clean_up": getattr(
+                    tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None
+                ),
+                "strip": True,
+            },
+            "versions": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
+        }
+
+    def answers_fingerprint(self, fingerprint: str | None = None) -> str:
+        """`fingerprint()` and `decoding()` in one digest: what the cache of the unedited model's
+        answers (evaluation/responses.py) and a run's identity key on, so an answer generated
+        under another generation config, detokenisation or library version is never reused.
+        `fingerprint`: `fingerprint()` when the caller has it already (it hashes every weight)."""
+        text = json.dumps([fingerprint or self.fingerprint(), self.decoding()], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def fingerprint(self) -> str:
-        """A digest of every weight and buffer and of `settings()`: caches of the unedited
-        model's answers are keyed by it, so a model with one changed value never shares
-        another's. Hashed where the tensors live (benchmarks/fingerprint.py)."""
+        """A digest of every weight and buffer and of `settings()`: what an exported editor's
+        model check compares (and, with `decoding()`, `answers_fingerprint`), so a model with
+        one changed value is never taken for another. Hashed where the tensors live
+        (benchmarks/fingerprint.py)."""
         h = hashlib.sha256(repr(sorted(self.settings().items())).encode())
         for name, p in self.model.state_dict().items():
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
@@ -231,7 +264,7 @@ class LALM(abc.ABC):
         with hooked(head, _last_position, pre=True) if head is not None else nullcontext():
             out = self.model.generate(**batch, generation_config=cfg)
         new = out[:, batch["input_ids"].shape[1] :]
-        return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]  # decoding()
 
 
 def _last_position(module: nn.Module, args: tuple) -> tuple:

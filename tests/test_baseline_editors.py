@@ -13,15 +13,17 @@ from editors.base import ContextHandle, in_context
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import ResultsLog
 from evaluation.responses import ResponseCache
-from evaluation.sweep import Sweeper, request
+from evaluation.sweep import Generation, Sweeper, request
 from lalms.base import hidden
 from lalms.prompt import Prompt
 from tests.helpers import configured
 
 
 def sweeper(lalm, editor, mini_dir) -> Sweeper:
-    cache = ResponseCache(None, lalm.fingerprint())
-    return Sweeper(lalm, editor, RuleJudge(), AudioResolver(Path(mini_dir) / "audio"), cache, 8, 64)
+    cache = ResponseCache(None, lalm.answers_fingerprint())
+    return Sweeper(
+        lalm, editor, RuleJudge(), AudioResolver(Path(mini_dir) / "audio"), cache, Generation(8, 64, 1)
+    )
 
 
 @pytest.mark.parametrize(("name", "site"), [("ft_llm", "llm.layers.-1"), ("ft_audio", "connector")])

@@ -21,8 +21,8 @@ from evaluation import rescore
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import QueryResult, ResultsLog, read_lines
 from evaluation.responses import ResponseCache
-from evaluation.run import RunMismatch, run_sweeps
-from evaluation.sweep import Sweeper
+from evaluation.run import RunMismatch, SweepPlan, run_sweeps
+from evaluation.sweep import Generation, Sweeper
 from tests.helpers import configured
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,12 @@ class Recorder:
         return Handle()
 
 
-def sweeper(lalm, editor, mini_dir, cache=None, **kw) -> Sweeper:
-    cache = cache or ResponseCache(None, lalm.fingerprint())
-    return Sweeper(lalm, editor, RuleJudge(), AudioResolver(Path(mini_dir) / "audio"), cache, 8, 64, **kw)
+def sweeper(lalm, editor, mini_dir, cache=None, edits_per_batch=1, **kw) -> Sweeper:
+    cache = cache or ResponseCache(None, lalm.answers_fingerprint())
+    generation = Generation(max_new_tokens=8, batch_size=64, edits_per_batch=edits_per_batch)
+    return Sweeper(
+        lalm, editor, RuleJudge(), AudioResolver(Path(mini_dir) / "audio"), cache, generation, **kw
+    )
 
 
 def strip_time(records):
@@ -204,7 +207,7 @@ def test_run_writes_reports_and_refuses_to_mix_runs(shipped_lalm, mini_dir, tmp_
     data = SakeData.load(mini_dir)
     fabric = Fabric(accelerator="cpu", devices=1)
     identity = {"editor": "recorder", "model": "tiny", "data": "mini", "judge": "rule", "max_new_tokens": 8}
-    args = (["single", "sequential"], data.test[:4], [data.sequences[0][:6]])
+    args = (SweepPlan(["single", "sequential"], data.test[:4], [data.sequences[0][:6]], 5, 5),)
     m = run_sweeps(fabric, sweeper(shipped_lalm, Recorder(), mini_dir), tmp_path, *args, identity)
     assert set(m["overall"]) == set(M.METRICS) and set(m["sequential"]) == set(M.METRICS)
     # an editor that changes nothing keeps every locality answer
@@ -224,10 +227,15 @@ def test_run_writes_reports_and_refuses_to_mix_runs(shipped_lalm, mini_dir, tmp_
         )
 
 
-def evaluate_cli(*args, cwd=ROOT, check=True):
+def evaluate_cli(*args, cwd=ROOT, check=True, timeout=600):
     env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "evaluate.py", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "evaluate.py", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
@@ -263,9 +271,51 @@ def test_two_processes_give_the_metrics_of_one(exported, mini_dir, tmp_path):
     assert not list((tmp_path / "two").glob("*/results.rank*.jsonl"))
 
 
+def test_a_refused_two_process_run_ends_on_every_rank(exported, mini_dir, tmp_path):
+    """Rank 0 finds the folder holds another run: every rank exits with its message (no rank
+    waits at a barrier for it), and the folder keeps what it held."""
+    held = {"identity": {"editor": {"name": "another"}}}
+    (tmp_path / "run.json").write_text(json.dumps(held))
+    out = evaluate_cli(
+        f"ckpt={exported}", f"data.root={mini_dir}", "data.build_mini=false", "data.max_instances=2",
+        f"response_cache={tmp_path / 'cache.sqlite'}", "max_new_tokens=4", "fabric.devices=2",
+        "fabric.strategy=ddp", f"hydra.run.dir={tmp_path}", check=False, timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert out.stderr.count("holds results of another evaluation") >= 2, out.stderr[-3000:]  # both ranks
+    assert json.loads((tmp_path / "run.json").read_text()) == held
+    assert not (tmp_path / "single").exists()
+
+
 def test_editor_none_reports_the_unedited_models_accuracy(mini_dir, tmp_path):
     cache = f"response_cache={tmp_path / 'c.sqlite'}"
     data = (f"data.root={mini_dir}", "data.build_mini=false")
     evaluate_cli("editor=none", *data, cache, f"hydra.run.dir={tmp_path}")
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["base"]["attribute/gender"]["accuracy"] >= 75 and m["base"]["text_qa"]["n"] > 0
+    # identified and held like a sweep: run.json, a refusal of other settings, the lock
+    run = json.loads((tmp_path / "run.json").read_text())["identity"]
+    assert run["editor"] == {"name": "none"} and run["model"]["answers"] == m["identity"]["model"]["answers"]
+    other = evaluate_cli(
+        "editor=none", *data, cache, "max_new_tokens=5", f"hydra.run.dir={tmp_path}", check=False
+    )
+    assert other.returncode != 0 and "generation.max_new_tokens: 32 there, 5 now" in other.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = evaluate_cli("editor=none", *data, cache, f"hydra.run.dir={tmp_path}", check=False)
+        assert busy.returncode != 0 and f"in use by PID {holder.pid}" in busy.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_LOCK = """
+import sys, time
+from evaluation.lock import RunLock
+with RunLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""

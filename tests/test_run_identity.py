@@ -21,7 +21,7 @@ from evaluation.judges.base import Judgment
 from evaluation.judges.rule import RuleJudge
 from evaluation.records import read_lines
 from evaluation.responses import QueryKeys
-from evaluation.run import RunMismatch, run_sweeps
+from evaluation.run import RunMismatch, SweepPlan, run_sweeps
 from tests.helpers import openai_judge
 
 from .test_evaluation import Recorder, sweeper
@@ -79,7 +79,7 @@ def test_metrics_count_exactly_the_selected_instances_each_once(shipped_lalm, mi
 
     def run(instances):
         editor = sweeper(shipped_lalm, Recorder(), mini_dir)
-        return run_sweeps(fabric, editor, tmp_path, ["single"], instances, [], identity)
+        return run_sweeps(fabric, editor, tmp_path, SweepPlan(["single"], instances, [], 5, 5), identity)
 
     run(data.test[:3])
     results = tmp_path / "single" / "results.jsonl"
