@@ -10,8 +10,9 @@ command with another identity is refused, with the keys that differ named. The i
                 the instances and sequences selected, skip_missing_audio
     sweeps      which sweeps, the sequential window (first, max_gap)
     judge       the judge's settings that decide verdicts (model, prompt version, base_url, ...)
-    generation  evaluation.sweep.Generation: max_new_tokens, batch_size, edits_per_batch (the K used: batched arithmetic may
-                differ from K=1's in the last bits, so a folder never mixes two K)
+    generation  evaluation.sweep.Generation: max_new_tokens, batch_size, edits_per_batch (the
+                K used: batched arithmetic may differ from K=1's in the last bits, so a folder
+                never mixes two K)
 
 `config_digest` is the part known before anything is loaded (the composed config's
 result-relevant keys); the default run folder name carries it, so another setting never
