@@ -144,6 +144,8 @@ class FakeOpenAI:
                     self.end_headers()
                     self.wfile.write(data)
                     return None
+                if fault == "nochoices":  # JSON, but no chat completion's fields
+                    return self._send(200, {"id": "chatcmpl-test", "object": "chat.completion"})
                 if fault == "401":  # like the real API, the error echoes (part of) the key
                     err = {
                         "message": f"Incorrect API key provided: {SECRET}",
@@ -369,6 +371,29 @@ def test_a_200_that_is_not_json_is_an_invalid_case(make_judge, server) -> None:
     out = judge.correctness([corr("dog", "a dog barks"), corr("cat", "a cat")])
     assert out[0].verdict is None and out[0].reason.startswith("invalid: unreadable reply")
     assert out[1].verdict is True
+
+
+def test_a_reply_without_choices_is_an_invalid_case(make_judge, server) -> None:
+    server.faults.append("nochoices")
+    out = make_judge(max_concurrency=1).correctness([corr("dog", "a dog barks"), corr("cat", "a cat")])
+    assert (
+        out[0].verdict is None
+        and out[0].reason == "invalid: unreadable reply (no choices list: ChatCompletion)"
+    )
+    assert out[1].verdict is True
+
+
+@pytest.mark.parametrize("bug", [KeyError, TypeError, AttributeError, IndexError])
+def test_a_bug_of_ours_raises_instead_of_counting_as_an_invalid_verdict(make_judge, server, bug) -> None:
+    judge = make_judge(max_concurrency=1)
+
+    def broken(prompt):
+        raise bug("a bug in building the request")
+
+    judge._request_kwargs = broken
+    with pytest.raises(bug, match="a bug in building the request"):
+        judge.correctness([corr("dog", "a dog barks")])
+    assert server.count == 0
 
 
 def test_a_flaky_server_and_a_refused_prompt(make_judge, server) -> None:

@@ -414,11 +414,10 @@ class OpenAIJudge:
 
     def _call(self, prompt: str) -> tuple[str | None, str]:
         """(the reply's text or None, why there is none). The client has already retried what
-        is worth retrying; a setup error raises JudgeError."""
+        is worth retrying; a setup error raises JudgeError. Only the API's errors and replies
+        without a text make a case invalid: anything else is a bug here and raises."""
         try:
             completion = self._client.chat.completions.create(**self._request_kwargs(prompt))
-            choice = completion.choices[0] if completion.choices else None
-            text = choice.message.content if choice is not None else None
         except _FATAL as exc:
             raise JudgeError(
                 f"{self.name} judge: {self.model} at {self.base_url} refused the request with HTTP "
@@ -429,11 +428,9 @@ class OpenAIJudge:
             return None, f"HTTP {exc.status_code}: {self._redact(exc.message)}"
         except openai.APIConnectionError as exc:  # timeouts and connection errors after every retry
             return None, f"{type(exc).__name__}: {self._redact(str(exc))}"
-        except (openai.APIError, AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        except (openai.APIError, json.JSONDecodeError) as exc:  # a body that is no chat completion
             return None, f"unreadable reply ({type(exc).__name__}: {self._redact(str(exc))})"
-        if not text:
-            return None, f"no text (finish_reason={getattr(choice, 'finish_reason', None)})"
-        return text, ""
+        return reply_text(completion)
 
     def _redact(self, text: str, limit: int = 300) -> str:
         key = self._client.api_key
@@ -485,3 +482,19 @@ class OpenAIJudge:
                 "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?)",
                 (key, int(verdict), kind, self.model, reply, time.time()),
             )
+
+
+def reply_text(completion: Any) -> tuple[str | None, str]:
+    """(the first choice's text or None, why there is none) of what the server sent as a chat
+    completion. The client builds replies without validating them, so a field the server left
+    out is absent, not an error: each step is checked, and a reply without a text is invalid."""
+    choices = getattr(completion, "choices", None)
+    if not isinstance(choices, list):
+        return None, f"unreadable reply (no choices list: {type(completion).__name__})"
+    if not choices:
+        return None, "unreadable reply (no choices)"
+    choice = choices[0]
+    text = getattr(getattr(choice, "message", None), "content", None)
+    if not isinstance(text, str) or not text:
+        return None, f"no text (finish_reason={getattr(choice, 'finish_reason', None)})"
+    return text, ""
