@@ -261,13 +261,14 @@ class LALM(abc.ABC):
         from lalms.hooks import hooked  # lalms.hooks builds on this module
 
         head = self.model.get_submodule(self.edit_sites.lm_head) if self.edit_sites.lm_head else None
-        with hooked(head, _last_position, pre=True) if head is not None else nullcontext():
+        with hooked(head, last_position_only, pre=True) if head is not None else nullcontext():
             out = self.model.generate(**batch, generation_config=cfg)
         new = out[:, batch["input_ids"].shape[1] :]
         return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]  # decoding()
 
 
-def _last_position(module: nn.Module, args: tuple) -> tuple:
+def last_position_only(module: nn.Module, args: tuple) -> tuple:
+    """A pre-hook of the output projection: it sees the last position only (`generate`)."""
     return (args[0][:, -1:], *args[1:])
 
 

@@ -40,3 +40,9 @@ def test_meta_train_benchmark_prints_its_throughput(mini_dir):
 def test_fingerprint_benchmark_prints_the_digest():
     out = bench("fingerprint.py", "+repeats=1")
     assert re.search(r"fingerprint [0-9a-f]+: [\d.]+M parameters", out), out
+
+
+def test_decoding_equivalence_benchmark_counts_differences_in_bf16(mini_dir):
+    out = bench("decoding_equivalence.py", "model.dtype=bfloat16", "+queries=12", "batch_size=6", *on(mini_dir))
+    assert "12 queries, tiny in torch.bfloat16 on cpu" in out, out
+    assert re.search(r"plain generation: \d+ answers differ \(\d+ at a near-tie", out), out
