@@ -14,7 +14,7 @@ and for each difference, whether the first diverging step was a near-tie of plai
     python benchmarks/decoding_equivalence.py                                # tiny, float32, CPU
     python benchmarks/decoding_equivalence.py model.dtype=bfloat16           # tiny, bf16
     python benchmarks/decoding_equivalence.py model=qwen model.random_init=true model.dtype=bfloat16 \
-        model.device=cuda +queries=200                                       # the 7B architecture
+        +queries=200   # the 7B architecture
 """
 
 from __future__ import annotations
