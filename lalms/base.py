@@ -4,7 +4,7 @@
 (`render`, `encode`), answer them (`generate`), score answers (`loss`, `logits`, `forward`), name
 its edit sites (`edit_sites`) and identify it (`fingerprint`). A family implements the abstract
 methods with its own internals: `ProcessorLALM` (lalms/processor_based.py) for the models a
-transformers processor feeds (Qwen2-Audio, Audio Flamingo 3), `DeSTA25` (lalms/desta.py) for the
+transformers processor feeds (Qwen2-Audio, Audio Flamingo 3), `DeSTA25` (lalms/desta/) for the
 Whisper + Q-Former + Llama assembly. Everything that follows from the contract (losses on answer
 tokens, greedy generation, device placement, the fingerprint) is implemented once, here.
 """

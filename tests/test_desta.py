@@ -249,6 +249,53 @@ def test_transcripts_are_cached_per_clip_and_redone_after_the_encoder_changes(de
     snap.undo()
 
 
+@pytest.mark.parametrize("site", ["encoder", "decoder"])
+def test_a_hook_that_changes_whisper_gets_a_fresh_transcript(desta, mini_dir, monkeypatch, site):
+    """The cache follows what Whisper computes: a plain forward hook on one of its modules (a layer
+    of the encoder, the decoder's output head) is transcribed again once it changes the module's
+    output, also while it stays registered; it is not while it changes nothing."""
+    speech, _ = speech_and_sound(mini_dir)
+    whisper = desta.model.perception.whisper
+    calls = []
+    generate = whisper.generate
+    monkeypatch.setattr(
+        whisper, "generate", lambda **kw: calls.append(len(kw["input_features"])) or generate(**kw)
+    )
+    desta.transcriber._cache.clear()
+    first = desta.transcripts([speech])
+    token = desta.asr_tokenizer("dog", add_special_tokens=False).input_ids[0]
+    active = [False]
+    if site == "encoder":
+        module = whisper.get_encoder().layers[-1].fc2
+
+        def hook(_module, _args, out):
+            return out * 0.5 if active[0] else None
+    else:
+        module = whisper.proj_out
+
+        def hook(_module, _args, out):
+            if not active[0]:
+                return None
+            out = out.clone()
+            out[..., token] += 1e4  # every step picks the token: another transcript
+            return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        assert desta.transcripts([speech]) == first and calls == [1]  # it changes nothing: cached
+        active[0] = True
+        hooked = desta.transcripts([speech])
+        assert calls == [1, 1]  # its output changed: transcribed again
+        if site == "decoder":
+            assert hooked != first and hooked[0].startswith(desta.asr_tokenizer.decode([token]).strip())
+        assert desta.transcripts([speech]) == hooked and calls == [1, 1]  # cached as hooked
+        desta.transcriber._cache.clear()
+        assert desta.transcripts([speech]) == hooked  # what an uncached transcription gives
+    finally:
+        handle.remove()
+    assert desta.transcripts([speech]) == first and calls == [1, 1, 1, 1]  # unhooked: transcribed again
+
+
 def test_random_init_builds_the_published_architecture():
     cfg = OmegaConf.load(CONFIGS / "model" / "desta.yaml")
     lalm = DeSTA25.load(cfg.path, random_init=True, arch=cfg.arch, device="meta", dtype="bfloat16")
