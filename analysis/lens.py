@@ -28,11 +28,11 @@ import torch
 from analysis.samples import Sample, reliability_samples
 from analysis.tables import write_csv
 from common.progress import progress_bar
+from common.prompt import Prompt
 from datamodules.schema import SAKE_LABELS, norm_label
 from evaluation.sweep import request
 from lalms.base import IGNORE_INDEX, LALM, hidden
 from lalms.hooks import hooked
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from common.prompt import Prompt
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
 from datamodules.schema import EditInstance
-from lalms.prompt import Prompt
 
 
 @dataclass(frozen=True)

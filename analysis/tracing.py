@@ -39,9 +39,9 @@ import torch
 from analysis.samples import reliability_samples
 from analysis.tables import write_csv
 from common.progress import progress_bar
+from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
 from lalms.hooks import hooked
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("residual", "mlp", "attn")

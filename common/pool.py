@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from lalms.prompt import Prompt
+from common.prompt import Prompt
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lalms.prompt import Prompt
+from common.prompt import Prompt
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from common.prompt import Prompt
+from common.requests import EditRequest
 from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance, Query
-from editors.base import EditRequest
-from lalms.prompt import Prompt
 
 
 class PromptMaker:

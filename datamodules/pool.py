@@ -9,11 +9,11 @@ from functools import cached_property
 from pathlib import Path
 
 from common import Demonstration
+from common.prompt import Prompt
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
 from datamodules.loader import SakeData
 from datamodules.schema import EditInstance, Query, norm_label
-from lalms.prompt import Prompt
 
 
 class SakeTrainPool:

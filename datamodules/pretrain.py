@@ -22,13 +22,13 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from common.prompt import Prompt
 from datamodules.audio_io import AudioResolver
 from datamodules.builder import PoolClip, load_world, read_manifest
 from datamodules.examples import PromptBatches
 from datamodules.mini.build import ensure_mini
 from datamodules.resume import ResumableBatches, ResumeSampler
 from datamodules.schema import norm_label, with_options
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from common import EditRequest, TrainPool
+from common.prompt import Prompt
 from lalms.base import LALM
-from lalms.prompt import Prompt
 from lalms.rows import UNEDITED, RowEdits
 
 

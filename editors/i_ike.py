@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from common import EditRequest, TrainPool
+from common.prompt import Prompt
 from editors.base import BatchEdit, ContextHandle, context_rows
 from lalms.base import LALM
-from lalms.prompt import Prompt
 from lalms.rows import RowsMemory
 
 

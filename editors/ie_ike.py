@@ -15,10 +15,10 @@ import logging
 from dataclasses import dataclass, replace
 
 from common import Demonstration, EditRequest, TrainPool
+from common.prompt import Turn
 from editors.base import ContextHandle
 from editors.i_ike import IIKE, IIKEHParams
 from lalms.base import LALM
-from lalms.prompt import Turn
 
 log = logging.getLogger(__name__)
 

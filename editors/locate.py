@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from common import EditRequest, TrainPool
+from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits, hidden, with_hidden
 from lalms.hooks import Trace, hooked
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 POSITIONS = ("last", "last_audio", "audio")

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from common import EditRequest, TrainPool
+from common.prompt import Prompt
 from editors.base import BatchEdit
 from lalms.base import LALM, hidden, with_hidden
 from lalms.hooks import Trace
-from lalms.prompt import Prompt
 from lalms.rows import UNEDITED, RowEdits, RowsMemory
 
 

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from common import EditRequest, TrainPool
+from common.prompt import Prompt
 from editors.base import BatchEdit, Preservation
 from lalms.base import LALM, answer_nll
 from lalms.hooks import Trace
-from lalms.prompt import Prompt
 from lalms.rows import UNEDITED, RowEdits, RowsMemory
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from common.progress import progress_bar
+from common.prompt import Prompt
 from datamodules.examples import PromptMaker
 from datamodules.schema import Query
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from common import EditRequest
 from common.progress import progress_bar
+from common.prompt import Prompt
 from datamodules.audio_io import AudioResolver
 from datamodules.examples import PromptMaker
 from datamodules.schema import EditInstance, Query
@@ -38,7 +39,6 @@ from evaluation.judges import Judge
 from evaluation.records import QueryResult, ResultsLog, instance_id, judge_results
 from evaluation.responses import QueryKeys, ResponseCache, pre_edit_responses
 from lalms.base import LALM
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import transformers
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from common.prompt import Prompt
 from lalms.audio import check_audio
 from lalms.edit_sites import EditSites
-from lalms.prompt import Prompt
 
 log = logging.getLogger(__name__)
 

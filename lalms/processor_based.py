@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
+from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM
 from lalms.loading import build_processor, load_pretrained, resolve_device, resolve_dtype
-from lalms.prompt import Prompt
 
 
 class ProcessorLALM(LALM):

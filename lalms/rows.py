@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from common.prompt import Prompt
 from lalms.base import hidden
-from lalms.prompt import Prompt
 
 UNEDITED = -1
 

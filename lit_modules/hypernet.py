@@ -41,12 +41,12 @@ import torch
 from torchmetrics import MeanMetric
 
 from common import TrainPool
+from common.prompt import Prompt
 from datamodules.examples import EditExample
 from editors.checkpoint import save_editor
 from editors.hypernet import HyperNetwork
 from editors.registry import build
 from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits
-from lalms.prompt import Prompt
 from lit_modules.base import FrozenLALMModule, data_info, finite_everywhere, plain, refuse_fp16, run_info
 
 log = logging.getLogger(__name__)

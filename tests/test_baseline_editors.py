@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common import EditRequest
+from common.prompt import Prompt
 from datamodules import AudioResolver
 from editors.base import ContextHandle, in_context
 from evaluation.judges.rule import RuleJudge
@@ -15,7 +16,6 @@ from evaluation.records import ResultsLog
 from evaluation.responses import ResponseCache
 from evaluation.sweep import Generation, Sweeper, request
 from lalms.base import hidden
-from lalms.prompt import Prompt
 from tests.helpers import configured
 
 

@@ -191,7 +191,7 @@ def test_row_groups_follow_prompts_into_the_audio_encoder(shipped_lalm):
     the groups of the prompts that hold audio, in order."""
     import numpy as np
 
-    from lalms.prompt import Prompt
+    from common.prompt import Prompt
 
     edits = RowEdits(shipped_lalm.model, shipped_lalm.edit_sites, 3)
     clip = np.zeros(1600, dtype=np.float32)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from common.prompt import Prompt
 from datamodules import SakeDataModule
 from datamodules.examples import PromptMaker
 from evaluation.responses import ResponseCache, pre_edit_responses
-from lalms.prompt import Prompt
 
 
 def plain_generate(lalm, prompts, max_new_tokens=32):

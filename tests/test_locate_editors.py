@@ -4,10 +4,10 @@ built from the configs evaluate.py composes (with a smaller key corpus)."""
 import pytest
 import torch
 
+from common.prompt import Prompt
 from editors.locate import KeyCorpus, LinearSite, key_positions, second_moment
 from editors.steering import monge_map
 from evaluation.sweep import request
-from lalms.prompt import Prompt
 from tests.helpers import configured
 
 CORPUS = ("editor.hparams.corpus.text=20", "editor.hparams.corpus.audio=10")

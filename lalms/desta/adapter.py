@@ -29,6 +29,7 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
+from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM
 from lalms.desta.config import (
     CONFIG,
@@ -52,7 +53,6 @@ from lalms.desta.release import (
 )
 from lalms.desta.transcriber import Transcriber
 from lalms.loading import not_available, plain, resolve_device, resolve_dtype, whisper_features
-from lalms.prompt import Prompt
 from lalms.tokenizer import default_corpus, train_tokenizer
 
 log = logging.getLogger(__name__)
