@@ -84,7 +84,8 @@ def main(cfg: DictConfig) -> None:
     else:  # an editor's module draws on the train split through the pool
         module = instantiate(module_cfg, lalm=lalm, pool=datamodule.train_pool(lalm.sampling_rate))
     trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")), callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: a checkpoint is data (whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Resume the way a user does: `train.py` killed with SIGKILL after a checkpoint, then the
-README's command with ckpt_path=.../last.ckpt; the export equals an uninterrupted run's."""
+README's command with ckpt_path=.../last.ckpt. The resumed process starts at the checkpoint's
+step on the batch an uninterrupted run saw there (tests/steps.py logs every batch), and its
+export equals the uninterrupted run's."""
 
 import hashlib
 import os
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from tests.steps import read_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PROJECT_ROOT": str(ROOT)}
@@ -43,15 +47,27 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def steps(path: Path) -> list[str]:
+    return ["+callbacks.steps._target_=tests.steps.StepLog", f"+callbacks.steps.path={path}"]
+
+
 def resumed_and_uninterrupted(tmp_path: Path, common: list[str], export: str) -> tuple[Path, Path]:
-    """(the uninterrupted run's export, the killed-and-resumed run's export) folders."""
-    train(*common, f"hydra.run.dir={tmp_path / 'full'}", f"{export}={tmp_path / 'full-export'}")
+    """(the uninterrupted run's export, the killed-and-resumed run's export) folders. Checks
+    that the resumed process started where the checkpoint was, not from the beginning: its
+    first step is the checkpoint's (> 0) and its batches are the uninterrupted run's from there."""
+    full_log, resumed_log = tmp_path / "full-steps.jsonl", tmp_path / "resumed-steps.jsonl"
+    train(*common, f"hydra.run.dir={tmp_path / 'full'}", f"{export}={tmp_path / 'full-export'}",
+          *steps(full_log))  # fmt: skip
     ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     killed_after_first_checkpoint(*common, f"hydra.run.dir={tmp_path / 'killed'}",
                                   f"{export}={tmp_path / 'killed-export'}", ckpt=ckpt)  # fmt: skip
     assert not (tmp_path / "killed-export").exists()
+    at = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     train(*common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}",
-          f"{export}={tmp_path / 'resumed-export'}")  # fmt: skip
+          f"{export}={tmp_path / 'resumed-export'}", *steps(resumed_log))  # fmt: skip
+    full, resumed = read_steps(full_log), read_steps(resumed_log)
+    assert at > 0 and resumed[0]["step"] == at, (at, resumed[:2])
+    assert len(resumed) < len(full) and resumed == full[len(full) - len(resumed) :]
     return tmp_path / "full-export", tmp_path / "resumed-export"
 
 
@@ -110,6 +126,8 @@ def test_a_killed_unke_calibration_resumes(mini_dir, tmp_path):
     full, resumed = resumed_and_uninterrupted(tmp_path, common, "editor.callbacks.export.out_dir")
     a, b = (yaml.safe_load((d / "editor.yaml").read_text()) for d in (full, resumed))
     assert a["hparams"] == b["hparams"] and a["calibration"] == b["calibration"]
+    sa, sb = (torch.load(d / "state.pt", weights_only=True) for d in (full, resumed))
+    torch.testing.assert_close(sa, sb, rtol=0, atol=0)  # nested: the recorded calls, the keys
 
 
 def test_a_killed_pretraining_resumes(mini_dir, tmp_path):

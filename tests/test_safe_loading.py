@@ -89,3 +89,25 @@ def test_calibrated_state_is_read_with_weights_only(shipped_lalm, pool, tmp_path
     with pytest.raises(pickle.UnpicklingError):
         load_editor(out, shipped_lalm, pool)
     assert not marker.exists()
+
+
+def test_a_pickle_in_last_ckpt_does_not_run_through_train_resume(mini_dir, tmp_path):
+    """`train.py ckpt_path=` loads with weights_only=True explicitly: also where the environment
+    turns torch's default off (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1), the payload never runs."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "payload": Payload(marker)}, ckpt)
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    args = [
+        "editor=mend", "experiment=quickstart", f"data.root={mini_dir}", "data.build_mini=false",
+        "data.max_instances=4", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'run'}",
+        f"editor.callbacks.export.out_dir={tmp_path / 'export'}",
+    ]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode != 0 and not marker.exists(), out.stderr[-2000:]
+    assert "Weights only load failed" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "export").exists()
