@@ -43,6 +43,8 @@ def test_fingerprint_benchmark_prints_the_digest():
 
 
 def test_decoding_equivalence_benchmark_counts_differences_in_bf16(mini_dir):
-    out = bench("decoding_equivalence.py", "model.dtype=bfloat16", "+queries=12", "batch_size=6", *on(mini_dir))
+    out = bench(
+        "decoding_equivalence.py", "model.dtype=bfloat16", "+queries=12", "batch_size=6", *on(mini_dir)
+    )
     assert "12 queries, tiny in torch.bfloat16 on cpu" in out, out
     assert re.search(r"plain generation: \d+ answers differ \(\d+ at a near-tie", out), out

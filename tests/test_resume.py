@@ -41,6 +41,25 @@ def killed_after_first_checkpoint(*args: str, ckpt: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    marker = next(a for a in args if a.startswith("hydra.run.dir="))  # its DataLoader workers end too
+    deadline = time.time() + 10
+    while left_behind(marker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left_behind(marker), left_behind(marker)
+
+
+def left_behind(arg: str) -> list[int]:
+    """Live processes whose command line holds `arg` (a killed run's orphaned children)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and arg.encode() in (d / "cmdline").read_bytes().split(b"\0"):
+                status = (d / "status").read_text()
+                if "\nState:\tZ" not in status:
+                    pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
 
 
 def digest(path: Path) -> str:
