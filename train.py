@@ -26,7 +26,7 @@ from cli.config import (  # noqa: E402
     register_resolvers,
     require,
 )
-from lit_modules.base import ExportEditor  # noqa: E402
+from lit_modules.base import ExportEditor, build_module  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ def plan(cfg: DictConfig, editor: DictConfig | None) -> str:
         f"data, batch {data.batch_size}, {schedule} on {trainer.accelerator} x{trainer.devices}; "
         f"logs and checkpoints under {cfg.paths.output_dir}"
     )
+
+
+def module_source() -> str:
+    """The file a recipe's `module` comes from (configs/experiment/<name>.yaml), for errors."""
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return f"configs/experiment/{experiment}.yaml" if experiment else "configs/train.yaml"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -79,10 +85,15 @@ def main(cfg: DictConfig) -> None:
     lalm = instantiate(cfg.model)
     datamodule = instantiate(data)
     datamodule.prepare_data()  # builds SAKE-mini on first use, before an editor draws on it
+    # The module's `hp` (objective, schedule) is parsed from its config: a missing, unknown or
+    # mistyped key is an HParamsError naming the file and the key.
     if editor is None:
-        module = instantiate(module_cfg, lalm=lalm)
+        module = build_module(module_cfg, module_source(), "module", lalm=lalm)
     else:  # an editor's module draws on the train split through the pool
-        module = instantiate(module_cfg, lalm=lalm, pool=datamodule.train_pool(lalm.sampling_rate))
+        pool = datamodule.train_pool(lalm.sampling_rate)
+        module = build_module(
+            module_cfg, f"configs/editor/{editor.name}.yaml", "module", lalm=lalm, pool=pool
+        )
     trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")), callbacks=callbacks)
     # weights_only: a checkpoint is data (whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)

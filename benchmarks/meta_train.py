@@ -31,6 +31,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT))
 
 from cli.config import apply_training_changes, require  # noqa: E402
+from lit_modules.base import build_module  # noqa: E402
 from lit_modules.hypernet import MetaBatch  # noqa: E402
 
 
@@ -44,7 +45,9 @@ def main(cfg: DictConfig) -> None:
     data = instantiate(cfg.data)
     data.num_workers = 0
     data.prepare_data()
-    module = instantiate(editor.module, lalm=lalm, pool=data.train_pool(lalm.sampling_rate)).to(lalm.device)
+    pool = data.train_pool(lalm.sampling_rate)
+    module = build_module(editor.module, f"configs/editor/{editor.name}.yaml", lalm=lalm, pool=pool)
+    module = module.to(lalm.device)
     optimizer = module.configure_optimizers()
     stream = iter(data.dataset("train"))
     batches = [[next(stream) for _ in range(data.batch_size)] for _ in range(warmup + steps)]
@@ -55,7 +58,7 @@ def main(cfg: DictConfig) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        batch = MetaBatch.build(examples, module.hparams.locality_per_edit, cfg.seed)
+        batch = MetaBatch.build(examples, module.hp.objective.locality_per_edit, module.hp.objective.seed)
         out = module.meta_step(batch)
         loss = module.objective(out)
         optimizer.zero_grad(set_to_none=True)

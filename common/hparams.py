@@ -1,10 +1,12 @@
-"""Typed, frozen settings records filled from config data (editors' hyperparameters, the LLM
-judge's request and connection).
+"""Typed, frozen settings records filled from config data (editors' hyperparameters, the
+training modules' objective and schedule, the LLM judge's request and connection).
 
 Every editor takes `Method(lalm, hp, pool)` where `hp` is a frozen dataclass without defaults:
 the YAML in configs/editor/ (with configs/tuning/<model>/ on top) is the one source of its
 values. `parse` builds one from a plain mapping and refuses a missing, unknown or mistyped key
-with a message naming where it came from and the key's full path.
+with a message naming where it came from and the key's full path. A training module's `hp`
+(lit_modules/: `MetaTraining`, its `Objective` and `Schedule`, ...) is read the same way by
+`parse_flat` from its config, which lists the fields of its groups side by side.
 """
 
 from __future__ import annotations
@@ -36,6 +38,48 @@ def parse(cls: type[T], raw: Any, source: str, key: str = "hparams") -> T:
         listed = ", ".join(f"{key}.{n}" for n in unknown)
         raise HParamsError(f"{source}: unknown {listed} ({cls.__name__} has {', '.join(names)})")
     return cls(**{n: _value(hints[n], raw[n], source, f"{key}.{n}") for n in names})
+
+
+def parse_flat(cls: type[T], raw: Any, source: str, key: str) -> T:
+    """An instance of the dataclass `cls` from one flat mapping: a field that is itself a record
+    (a group, e.g. `Objective`) takes its own fields from `raw`, side by side with the other
+    groups' and the plain fields (a module config lists `lr` beside `cedit`: `editor.module.lr`).
+    Every name belongs to one field; a missing, unknown or mistyped key is an HParamsError
+    naming `source` and `key.<name>`, as `parse`'s are."""
+    if not isinstance(raw, Mapping):
+        raise HParamsError(f"{source}: {key} must be a mapping of {cls.__name__}'s fields, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    groups = {  # field of cls -> the flat names it takes
+        f.name: [g.name for g in dataclasses.fields(hints[f.name])]
+        if dataclasses.is_dataclass(hints[f.name])
+        else [f.name]
+        for f in dataclasses.fields(cls)
+    }
+    names = [n for flat in groups.values() for n in flat]
+    if len(set(names)) < len(names):
+        raise TypeError(f"{cls.__name__}: its groups share a field name ({names}); parse it with `parse`")
+    missing = [n for n in names if n not in raw]
+    if missing:  # named with the record each belongs to
+        owner = {
+            n: _name(hints[f])
+            for f, flat in groups.items()
+            if dataclasses.is_dataclass(hints[f])
+            for n in flat
+        }
+        where = ", ".join(f"{key}.{n}" + (f" ({owner[n]})" if n in owner else "") for n in missing)
+        raise HParamsError(f"{source}: {where} missing ({cls.__name__})")
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        listed = ", ".join(f"{key}.{n}" for n in unknown)
+        raise HParamsError(f"{source}: unknown {listed} ({cls.__name__} has {', '.join(names)})")
+    values = {}
+    for name, flat in groups.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = parse(hint, {n: raw[n] for n in flat}, source, key)
+        else:
+            values[name] = _value(hint, raw[name], source, f"{key}.{name}")
+    return cls(**values)
 
 
 def _value(hint: Any, value: Any, source: str, key: str) -> Any:

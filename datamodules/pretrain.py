@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,33 +45,28 @@ class PretrainExample:
 
 
 class PretrainTasks(Dataset):
-    """A reproducible stream of pretraining examples over a pool of decoded clips."""
+    """A reproducible stream of pretraining examples over a pool of decoded clips.
+
+    `mix`: the shares of TASKS; `attribute_mix` and `portability_mix`: the shares of the
+    attributes within the attribute and portability tasks (configs/experiment/pretrain_tiny.yaml
+    gives all three); `augment`: small gain and noise changes to every clip (training only)."""
 
     def __init__(
         self,
         clips: list[PoolClip],
         waves: dict[tuple[str, str], np.ndarray],
         world: dict[str, Any],
+        *,
         length: int,
-        seed: int = 0,
-        mix: dict[str, float] | None = None,
-        attribute_mix: dict[str, float] | None = None,
-        portability_mix: dict[str, float] | None = None,
-        augment: bool = True,
+        seed: int,
+        mix: Mapping[str, float],
+        attribute_mix: Mapping[str, float],
+        portability_mix: Mapping[str, float],
+        augment: bool,
     ) -> None:
         self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
-        mix = mix or {"attribute": 0.5, "portability": 0.35, "general": 0.1, "text": 0.05}
         self.tasks, self.weights = list(mix), list(mix.values())
         self.attrs = world["attributes"]
-        # Harder attributes (more labels, subtler cues) get more of the attribute examples.
-        attribute_mix = attribute_mix or {"gender": 0.15, "emotion": 0.25, "language": 0.4, "animal": 0.2}
-        # Portability weighs attributes by how many facts they carry (animal 72, gender 6).
-        portability_mix = portability_mix or {
-            "gender": 0.05,
-            "emotion": 0.12,
-            "language": 0.38,
-            "animal": 0.45,
-        }
         self.attr_mix = {
             task: ([a for a in self.attrs if a in m], [m[a] for a in self.attrs if a in m])
             for task, m in (("attribute", attribute_mix), ("portability", portability_mix))
@@ -166,18 +162,22 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
 
     def __init__(
         self,
+        *,
         root: str,
-        mini_seed: int = 0,
-        batch_size: int = 32,
-        steps: int = 2500,
-        val_examples: int = 256,
-        holdout: float = 0.05,
+        mini_seed: int,
+        batch_size: int,
+        steps: int,
+        val_examples: int,
+        holdout: float,
+        seed: int,
+        mix: Mapping[str, float],
+        attribute_mix: Mapping[str, float],
+        portability_mix: Mapping[str, float],
         sampling_rate: int = 16000,
-        seed: int = 0,
-        mix: dict[str, float] | None = None,
-        attribute_mix: dict[str, float] | None = None,
-        portability_mix: dict[str, float] | None = None,
     ) -> None:
+        """Every value but `sampling_rate` (the tiny LALM's) comes from the config
+        (configs/experiment/pretrain_tiny.yaml: `data`); `steps` batches of `batch_size` are one
+        pass, `val_examples` are drawn from the `holdout` share of the clips."""
         super().__init__()
         self.mixes = {"mix": mix, "attribute_mix": attribute_mix, "portability_mix": portability_mix}
         self.root, self.mini_seed = Path(root), mini_seed
@@ -199,10 +199,12 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         waves = {(c.track, c.file): resolver.load(c.file, c.track, self.rate) for c in clips}
         train_clips, val_clips = stratified_holdout(clips, self.holdout, self.seed)
         length = self.steps * self.batch_size  # one pass: every step sees new examples
-        mixes = {k: dict(v) for k, v in self.mixes.items() if v}
-        self.train_set = PretrainTasks(train_clips, waves, world, length, self.seed, **mixes)
+        mixes = {k: dict(v) for k, v in self.mixes.items()}
+        self.train_set = PretrainTasks(
+            train_clips, waves, world, length=length, seed=self.seed, augment=True, **mixes
+        )
         self.val_set = PretrainTasks(
-            val_clips, waves, world, self.val_examples, self.seed + 1, augment=False, **mixes
+            val_clips, waves, world, length=self.val_examples, seed=self.seed + 1, augment=False, **mixes
         )
 
     def train_dataloader(self) -> DataLoader:

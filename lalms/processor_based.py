@@ -56,17 +56,19 @@ class ProcessorLALM(LALM):
         cls,
         path: str,
         *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        random_init: bool = False,
-        arch: Mapping[str, Any] | None = None,
-        processor_path: str | None = None,
+        dtype: str,
+        device: str,
+        random_init: bool,
+        arch: Mapping[str, Any] | None,
+        processor_path: str | None,
         **settings: Any,
     ) -> ProcessorLALM:
-        """Load weights and processor from a local directory or Hub id.
+        """Load weights and processor from a local directory or Hub id. Every argument is the
+        model config's (configs/model/*.yaml), which gives each: no default here.
 
         With `random_init=True` the architecture is built without weights, from the config at
         `path` when reachable, else from `arch` (the published config kept in the model's yaml).
+        `processor_path` None: the processor at `path`.
         """
         model, processor = load_pretrained(
             cls,

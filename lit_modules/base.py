@@ -1,7 +1,9 @@
-"""What every LightningModule around an LALM shares, and the export of trained editors."""
+"""What every LightningModule around an LALM shares, building one from its config, and the
+export of trained editors."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,8 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from common.hparams import HParamsError, parse_flat, to_dict
 from evaluation.identity import differences, digest
 from lalms.base import LALM
 
@@ -25,6 +29,33 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
+
+
+def build_module(cfg: Any, source: str, key: str = "module", **objects: Any) -> L.LightningModule:
+    """The LightningModule a module config describes (train.py's `module`, an editor's
+    `module`): `_target_` names the class; keys its constructor names (an editor's `method` and
+    `editor_hparams`) are passed as they are, and every other key is a field of its record
+    `cls.HParams` (its `hp`: objective and schedule, read by common.hparams.parse_flat, so that a
+    missing, unknown or mistyped key is an HParamsError naming `source` and the key); `objects`
+    (the LALM, the train pool) are passed too. The constructor's arguments are keyword-only and
+    have no defaults: the config gives each."""
+    raw = plain(cfg)
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("_target_"), str):
+        raise HParamsError(f"{source}: {key} must be a mapping with a _target_ (a LightningModule class)")
+    cls = get_class(raw["_target_"])
+    params = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "hp", *objects)]
+    args = {n: raw[n] for n in params if n in raw}
+    missing = [n for n in params if n not in raw]
+    if missing:
+        raise HParamsError(f"{source}: {', '.join(f'{key}.{n}' for n in missing)} missing ({cls.__name__})")
+    fields = {k: v for k, v in raw.items() if k not in args and k not in ("_target_", "_recursive_")}
+    return cls(**objects, **args, hp=parse_flat(cls.HParams, fields, source, key))
+
+
+def saved_hparams(module: L.LightningModule, **values: Any) -> None:
+    """`module.save_hyperparameters` with plain data only (records as the mappings they were
+    parsed from): Lightning checkpoints load with weights_only=True."""
+    module.save_hyperparameters({k: plain(to_dict(v)) for k, v in values.items()})
 
 
 # fp16 needs a gradient scaler: checks and clipping would act on scaled gradients, and a skipped

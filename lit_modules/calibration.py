@@ -36,7 +36,7 @@ from datamodules.examples import EditExample
 from editors.checkpoint import save_calibrated
 from editors.registry import build
 from lalms.base import LALM, greedy_hits
-from lit_modules.base import FrozenLALMModule, data_info, plain, run_info
+from lit_modules.base import FrozenLALMModule, data_info, plain, run_info, saved_hparams
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -51,13 +51,21 @@ def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any
 
 
 class CalibrationModule(FrozenLALMModule, abc.ABC):
-    def __init__(self, lalm: LALM, pool: TrainPool, method: str, hparams: Mapping[str, Any]) -> None:
-        """The editor is `method` with `hparams` (the editor's: editor.method, editor.hparams).
-        Subclasses save their hyperparameters (`save_hyperparameters`, plain data) after this."""
+    """Subclasses set `HParams`, the record of their calibration's settings (`hp`: the fields of
+    the editor YAML's `module`, lit_modules/base.py: build_module)."""
+
+    HParams: type
+
+    def __init__(
+        self, *, lalm: LALM, pool: TrainPool, method: str, editor_hparams: Mapping[str, Any], hp: Any
+    ) -> None:
+        """The editor is `method` with `editor_hparams` (the editor's: editor.method,
+        editor.hparams, plain data); `hp` is how it is calibrated."""
         super().__init__(lalm)
         self.automatic_optimization = False
         self.pool = pool
-        self.method, self.editor_hparams = method, plain(hparams)
+        self.method, self.editor_hparams, self.hp = method, plain(editor_hparams), hp
+        saved_hparams(self, method=method, editor_hparams=self.editor_hparams, hp=hp)
         self.records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self.chosen: dict[str, Any] | None = None  # the calibrated values
         self.summary: dict[str, Any] = {}  # figures behind the choice, exported with it
@@ -67,8 +75,8 @@ class CalibrationModule(FrozenLALMModule, abc.ABC):
 
     def build(self, changes: Mapping[str, Any] | None = None) -> Any:
         """The editor of the config with `changes` (nested like its hparams), on this module's model."""
-        hp = merged(self.editor_hparams, changes or {})
-        return build(self.method, hp, self.lalm, self.pool, "editor.module", "hparams")
+        raw = merged(self.editor_hparams, changes or {})
+        return build(self.method, raw, self.lalm, self.pool, "editor.module", "editor_hparams")
 
     # ------------------------------------------------------------------ what subclasses define
     @abc.abstractmethod
@@ -168,10 +176,10 @@ class CalibrationModule(FrozenLALMModule, abc.ABC):
     def export(self, out_dir: Path, trainer: L.Trainer, recipe: Mapping[str, Any] | None = None) -> Path:
         if self.chosen is None:
             raise RuntimeError("export before calibration: the training epoch did not finish")
-        hp = merged(self.editor_hparams, self.chosen)
+        raw = merged(self.editor_hparams, self.chosen)
         name = self.editor_name
         out = save_calibrated(
-            self.exported_editor(), self.method, hp, out_dir, name, data_info(trainer), run_info(trainer),
+            self.exported_editor(), self.method, raw, out_dir, name, data_info(trainer), run_info(trainer),
             {"chosen": self.chosen, **self.summary}, recipe,
         )  # fmt: skip
         log.info("exported the calibrated %s editor (%s) to %s", name, self.chosen, out)

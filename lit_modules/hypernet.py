@@ -19,7 +19,9 @@ Each training step takes B edit instances and, for all of them at once:
 4. scores the edited rows: the losses above, and teacher-forced success: a row succeeds when
    every answer token (and the turn end) is the argmax, which is exactly when greedy decoding
    produces the answer; locality, when the argmax of every answer position is unchanged.
-Subclasses (lit_modules/mend.py, lit_modules/ke.py) pick the optimiser.
+Subclasses (lit_modules/mend.py, lit_modules/ke.py) pick the optimiser. The objective's weights
+and the schedule are the module's `hp` (`MetaTraining`: `Objective` and `Schedule`), parsed from
+the editor's `module` keys side by side (configs/editor/_hypernet.yaml, mend.yaml, ke.yaml).
 The base model is frozen and not a submodule: checkpoints hold the hypernetwork, its running
 statistics and the optimiser, nothing of the LALM.
 """
@@ -47,7 +49,15 @@ from editors.checkpoint import save_editor
 from editors.hypernet import HyperNetwork
 from editors.registry import build
 from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits
-from lit_modules.base import FrozenLALMModule, data_info, finite_everywhere, plain, refuse_fp16, run_info
+from lit_modules.base import (
+    FrozenLALMModule,
+    data_info,
+    finite_everywhere,
+    plain,
+    refuse_fp16,
+    run_info,
+    saved_hparams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,26 +116,64 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What meta-training minimises: SAKE's loss (the module docstring), per edit."""
+
+    cedit: float
+    """Weight of the edit loss: the sum over an edit's generality queries (its text paraphrase and
+    other-audio queries, answered with the target) of each query's mean answer NLL under the edit."""
+    cloc: float
+    """Weight of the locality loss: the sum over an edit's locality queries of KL(pre || post),
+    averaged over each query's attended positions (prompt and answer alike)."""
+    locality_per_edit: int | None
+    """Locality queries (audio or text) sampled per edit in training, uniformly; None: all of
+    them. Validation always scores all of them."""
+    seed: int
+    """Seed of that sample: an edit's locality queries are a function of (seed, instance), not
+    of any global RNG."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the hypernetwork is optimised (one optimiser step per batch of edits; the steps are the
+    trainer's: editor.training.trainer.max_steps)."""
+
+    lr: float
+    """The optimiser's learning rate (MEND: Adam, KE: RMSprop), constant over training."""
+    max_grad_norm: float
+    """The meta-gradient's global norm is clipped to this before each step."""
+
+
+@dataclass(frozen=True)
+class MetaTraining:
+    """A hypernetwork's meta-training: the module's `hp`, the editor YAML's `module` keys (the
+    groups' fields side by side: `editor.module.lr`, `editor.module.cedit`)."""
+
+    objective: Objective
+    """The loss minimised."""
+    schedule: Schedule
+    """The optimiser's settings."""
+
+
 class HypernetModule(FrozenLALMModule):
     """Meta-training loop shared by the hypernetwork editors (manual optimisation). Subclasses
-    take `cedit` and `cloc` (the objective's weights) and pick the optimiser."""
+    pick the optimiser and may set their own `HParams` (the type of their record `hp`)."""
+
+    HParams: type = MetaTraining
 
     def __init__(
-        self,
-        lalm: LALM,
-        pool: TrainPool,
-        method: str,
-        hparams: Mapping[str, Any],
-        locality_per_edit: int | None,
-        max_grad_norm: float,
-        seed: int,
+        self, *, lalm: LALM, pool: TrainPool, method: str, editor_hparams: Mapping[str, Any], hp: MetaTraining
     ) -> None:
-        """The network is `method` with `hparams` (the editor's: editor.method, editor.hparams).
-        Subclasses save their hyperparameters (`save_hyperparameters`, plain data) after this."""
+        """The network is `method` with `editor_hparams` (the editor's: editor.method,
+        editor.hparams, plain data kept for the export); `hp` is how it is meta-trained."""
         super().__init__(lalm)
         self.automatic_optimization = False
-        self.method, self.network_hparams = method, plain(hparams)
-        self.net: HyperNetwork = build(method, self.network_hparams, lalm, pool, "editor.module", "hparams")
+        self.method, self.editor_hparams, self.hp = method, plain(editor_hparams), hp
+        saved_hparams(self, method=method, editor_hparams=self.editor_hparams, hp=hp)
+        self.net: HyperNetwork = build(
+            method, self.editor_hparams, lalm, pool, "editor.module", "editor_hparams"
+        )
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         # Validation means over all edits (and all DDP ranks), logged once per validation run.
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in METRICS})
@@ -186,11 +234,12 @@ class HypernetModule(FrozenLALMModule):
 
     def objective(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """cedit * edit loss + cloc * locality loss (SAKE's MEND and KE alike)."""
-        return self.hparams.cedit * out["edit_loss"] + self.hparams.cloc * out["loc_loss"]
+        objective = self.hp.objective
+        return objective.cedit * out["edit_loss"] + objective.cloc * out["loc_loss"]
 
     def _batch(self, examples: Sequence[EditExample], train: bool) -> MetaBatch:
-        locality = self.hparams.locality_per_edit if train else None
-        return MetaBatch.build(examples, locality, self.hparams.seed)
+        locality = self.hp.objective.locality_per_edit if train else None
+        return MetaBatch.build(examples, locality, self.hp.objective.seed)
 
     def training_step(self, examples: list[EditExample], batch_idx: int) -> None:
         start = time.perf_counter()
@@ -204,7 +253,7 @@ class HypernetModule(FrozenLALMModule):
         self.manual_backward(loss)
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         finite = finite_everywhere(grads, self.trainer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hparams.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hp.schedule.max_grad_norm)
         if finite:
             opt.step()
         else:  # a non-finite meta-gradient: skip the step on every rank
@@ -257,7 +306,7 @@ class HypernetModule(FrozenLALMModule):
         training = {**run_info(trainer), "weights": source}
         name = type(net).__name__.lower()
         out = save_editor(
-            net, self.method, self.network_hparams, out_dir, name, data_info(trainer), training, recipe
+            net, self.method, self.editor_hparams, out_dir, name, data_info(trainer), training, recipe
         )
         if state is not None:
             net.load_state_dict(current)

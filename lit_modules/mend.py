@@ -9,35 +9,39 @@ rate, as MEND's paper intends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from common import TrainPool
-from lalms.base import LALM
-from lit_modules.base import plain
-from lit_modules.hypernet import HypernetModule
+from lit_modules.hypernet import HypernetModule, Objective
+
+
+@dataclass(frozen=True)
+class MENDSchedule:
+    """How MEND's networks and edit_lrs are optimised (Adam; the steps are the trainer's)."""
+
+    lr: float
+    """Adam's learning rate over the networks (and the edit_lrs, unless lr_lr sets theirs)."""
+    lr_lr: float | None
+    """The edit_lrs' own Adam learning rate; None: they learn at lr, as SAKE's run (the module
+    docstring)."""
+    max_grad_norm: float
+    """The meta-gradient's global norm is clipped to this before each step."""
+
+
+@dataclass(frozen=True)
+class MENDTraining:
+    """MEND's meta-training: the module's `hp` (configs/editor/mend.yaml's `module` keys)."""
+
+    objective: Objective
+    """The loss minimised (SAKE's, shared with KE)."""
+    schedule: MENDSchedule
+    """The optimiser's settings."""
 
 
 class MENDModule(HypernetModule):
-    def __init__(
-        self,
-        lalm: LALM,
-        pool: TrainPool,
-        method: str,
-        hparams: Mapping[str, Any],
-        locality_per_edit: int | None,
-        max_grad_norm: float,
-        seed: int,
-        lr: float,
-        lr_lr: float | None,
-        cedit: float,
-        cloc: float,
-    ) -> None:
-        hparams = plain(hparams)  # saved as plain data: checkpoints load with weights_only=True
-        super().__init__(lalm, pool, method, hparams, locality_per_edit, max_grad_norm, seed)
-        self.save_hyperparameters(ignore=["lalm", "pool"])
+    HParams = MENDTraining
+    hp: MENDTraining
 
     def extra_logs(self) -> dict[str, torch.Tensor]:
         lrs = self.net.edit_lrs.detach()
@@ -46,10 +50,11 @@ class MENDModule(HypernetModule):
         return logs
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.lr_lr is None:
-            return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        schedule = self.hp.schedule
+        if schedule.lr_lr is None:
+            return torch.optim.Adam(self.net.parameters(), lr=schedule.lr)
         edit_lrs = self.net.edit_lrs
         others = [p for p in self.net.parameters() if p is not edit_lrs]
         return torch.optim.Adam(
-            [{"params": others, "lr": self.hparams.lr}, {"params": [edit_lrs], "lr": self.hparams.lr_lr}]
+            [{"params": others, "lr": schedule.lr}, {"params": [edit_lrs], "lr": schedule.lr_lr}]
         )

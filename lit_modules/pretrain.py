@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +15,45 @@ import torch
 
 from evaluation.exact import exact_match
 from lalms.base import LALM
-from lit_modules.base import TrainedLALMModule, finite_everywhere, refuse_fp16
+from lit_modules.base import TrainedLALMModule, finite_everywhere, refuse_fp16, saved_hparams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainSchedule:
+    """AdamW with a linear warm-up and a cosine decay, stepped once per batch over the trainer's
+    estimated steps (configs/experiment/pretrain_tiny.yaml: one pass over data.steps batches)."""
+
+    lr: float
+    """The peak learning rate, reached at the end of the warm-up."""
+    weight_decay: float
+    """AdamW's decoupled weight decay on the matrices (ndim >= 2); biases and norms get none."""
+    warmup_steps: int
+    """Steps of linear warm-up: step s (from 0) runs at lr * (s + 1) / warmup_steps."""
+    min_lr_ratio: float
+    """The cosine decay's floor as a share of lr, reached at the last step."""
+
+
+@dataclass(frozen=True)
+class PretrainHParams:
+    """How the tiny LALM is pretrained: the module's `hp` (pretrain_tiny.yaml's `module` keys)."""
+
+    schedule: PretrainSchedule
+    """The optimiser's settings (the objective is the answer NLL, with no settings)."""
+    max_new_tokens: int
+    """Greedy decoding's limit for the validation accuracies (exact match)."""
 
 
 class TinyPretrainModule(TrainedLALMModule):
     """Teacher-forced answer NLL on mixed pretraining tasks; greedy exact-match accuracy in validation."""
 
-    def __init__(
-        self,
-        lalm: LALM,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.05,
-        max_new_tokens: int = 16,
-    ) -> None:
+    HParams = PretrainHParams
+
+    def __init__(self, *, lalm: LALM, hp: PretrainHParams) -> None:
         super().__init__(lalm)
-        self.save_hyperparameters(ignore=["lalm"])
+        self.hp = hp
+        saved_hparams(self, hp=hp)
         self._correct: dict[str, list[float]] = defaultdict(list)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
@@ -61,7 +82,7 @@ class TinyPretrainModule(TrainedLALMModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         n = len(batch["prompts"])
         self.log("val/loss", self.lalm.loss(batch["prompts"], batch["answers"]), batch_size=n)
-        responses = self.lalm.generate(batch["prompts"], self.hparams.max_new_tokens)
+        responses = self.lalm.generate(batch["prompts"], self.hp.max_new_tokens)
         for resp, ans, task, attr in zip(
             responses, batch["answers"], batch["tasks"], batch["attributes"], strict=True
         ):
@@ -76,17 +97,18 @@ class TinyPretrainModule(TrainedLALMModule):
         self._correct.clear()
 
     def configure_optimizers(self):
+        settings = self.hp.schedule
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": decay, "weight_decay": settings.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            lr=self.hparams.lr,
+            lr=settings.lr,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        warm, floor = settings.warmup_steps, settings.min_lr_ratio
 
         def schedule(step: int) -> float:  # linear warm-up, cosine decay to floor * lr
             if step < warm:

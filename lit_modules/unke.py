@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from common import TrainPool
 from datamodules.examples import EditExample
 from editors.unke import TargetSearch
-from lalms.base import LALM
-from lit_modules.base import plain
 from lit_modules.calibration import CalibrationModule, edit_key
 
 SETTINGS = ("lr", "steps", "clamp_norm")  # what the calibration sets, of the hparams' `target`
@@ -42,29 +40,35 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-class UnKECalibration(CalibrationModule):
-    def __init__(
-        self,
-        lalm: LALM,
-        pool: TrainPool,
-        method: str,
-        hparams: Mapping[str, Any],
-        key_lrs: Sequence[float],
-        max_steps: int,
-        max_clamp: float,
-        coverage: float,
-        margin: float,
-    ) -> None:
-        hparams, key_lrs = plain(hparams), plain(key_lrs)  # checkpoints hold plain data only
-        super().__init__(lalm, pool, method, hparams)
-        if not key_lrs or not 0 < coverage <= 1 or margin < 1:
+@dataclass(frozen=True)
+class KeySearchCalibration:
+    """How UnKE's stage 1 is calibrated: the module's `hp` (configs/editor/unke.yaml's `module`)."""
+
+    key_lrs: tuple[float, ...]
+    """Adam learning rates of the delta tried on every train edit (non-empty)."""
+    max_steps: int
+    """Each search's step budget; it stops at the first step whose delta makes greedy decoding
+    give the target."""
+    max_clamp: float
+    """The loose norm bound of those searches (|delta| <= max_clamp * |h|), and the largest
+    clamp_norm the rule may choose."""
+    coverage: float
+    """In (0, 1]: the share of the best rate's solved edits whose steps and |delta| / |h| the
+    rule covers ..."""
+    margin: float
+    """... times this (>= 1), so that the target lies past the decision boundary."""
+
+    def __post_init__(self) -> None:
+        if not self.key_lrs or not 0 < self.coverage <= 1 or self.margin < 1:
             raise ValueError(f"UnKE calibration: key_lrs non-empty, coverage in (0, 1], margin >= 1; got "
-                             f"{list(key_lrs)}, {coverage}, {margin}")  # fmt: skip
-        self.key_lrs, self.max_steps, self.max_clamp = [float(x) for x in key_lrs], max_steps, max_clamp
-        self.coverage, self.margin = coverage, margin
-        self.save_hyperparameters(ignore=["lalm", "pool"])
-        self._unke: Any = None
-        self._editors: dict[tuple, Any] = {}
+                             f"{list(self.key_lrs)}, {self.coverage}, {self.margin}")  # fmt: skip
+
+
+class UnKECalibration(CalibrationModule):
+    HParams = KeySearchCalibration
+    hp: KeySearchCalibration
+    _unke: Any = None  # the config's editor, built on first use
+    _editors: dict[tuple, Any] | None = None  # UnKEs under other stage-1 settings, built on first use
 
     def unke(self) -> Any:
         """The editor of the config: its stage 1 runs the train search, its preserved keys are
@@ -82,6 +86,8 @@ class UnKECalibration(CalibrationModule):
     def editor(self, settings: dict[str, Any]) -> Any:
         """An UnKE under `settings`, sharing the config editor's preserved keys."""
         key = tuple(sorted(settings.items()))
+        if self._editors is None:
+            self._editors = {}
         if key not in self._editors:
             self._editors[key] = self.build({"target": settings})
             self._editors[key].load_state_dict(self.unke().state_dict())
@@ -91,7 +97,7 @@ class UnKECalibration(CalibrationModule):
         """(first solved step, |delta|/|h| then) of stage 1 on the example's edit at rate `lr`."""
         unke = self.unke()
         batch, pos = unke.edit_batch(example.edit.prompt, example.instance.target)
-        search = TargetSearch(lr, self.max_steps, unke.hp.target.weight_decay, self.max_clamp)
+        search = TargetSearch(lr, self.hp.max_steps, unke.hp.target.weight_decay, self.hp.max_clamp)
         _, _, trace = unke.target_state(batch, pos, search, until_solved=True)
         return trace.solved_at, trace.norm
 
@@ -99,7 +105,7 @@ class UnKECalibration(CalibrationModule):
         out = []
         for ex in examples:
             if split == "train":
-                for lr in self.key_lrs:
+                for lr in self.hp.key_lrs:
                     solved, norm = self._search(ex, lr)
                     out.append({"edit": edit_key(ex), "key_lr": lr, "solved_at": solved, "norm": norm})
                 continue
@@ -119,12 +125,12 @@ class UnKECalibration(CalibrationModule):
         return {
             f"solved/lr{lr:g}": sum(r["solved_at"] is not None for r in records if r["key_lr"] == lr)
             / max(1, sum(r["key_lr"] == lr for r in records))
-            for lr in self.key_lrs
+            for lr in self.hp.key_lrs
         }
 
     def choose(self, train: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        per = []
-        for lr in self.key_lrs:
+        hp, per = self.hp, []
+        for lr in hp.key_lrs:
             rows = [r for r in train if r["key_lr"] == lr]
             solved = [r for r in rows if r["solved_at"] is not None]
             steps = [r["solved_at"] for r in solved]
@@ -133,21 +139,21 @@ class UnKECalibration(CalibrationModule):
                 "key_lr": lr,
                 "solved": round(len(solved) / len(rows), 4),
                 "median_steps": statistics.median(steps) if steps else None,
-                "steps_at_coverage": quantile(steps, self.coverage) if steps else None,
-                "norm_at_coverage": round(quantile(norms, self.coverage), 4) if norms else None,
+                "steps_at_coverage": quantile(steps, hp.coverage) if steps else None,
+                "norm_at_coverage": round(quantile(norms, hp.coverage), 4) if norms else None,
             })  # fmt: skip
         best = max(per, key=lambda p: (p["solved"], -(p["median_steps"] or math.inf)))
         if best["steps_at_coverage"] is None:
             raise RuntimeError(
-                f"UnKE calibration: stage 1 solved none of {len(train) // len(self.key_lrs)} train edits "
-                f"with learning rates {self.key_lrs} in {self.max_steps} steps; widen key_lrs or max_steps"
+                f"UnKE calibration: stage 1 solved none of {len(train) // len(hp.key_lrs)} train edits with "
+                f"learning rates {list(hp.key_lrs)} in {hp.max_steps} steps; widen key_lrs or max_steps"
             )
         rule = {
             "lr": best["key_lr"],
-            "steps": min(self.max_steps, max(1, math.ceil(self.margin * (best["steps_at_coverage"] + 1)))),
-            "clamp_norm": round(min(self.max_clamp, self.margin * best["norm_at_coverage"]), 4),
+            "steps": min(hp.max_steps, max(1, math.ceil(hp.margin * (best["steps_at_coverage"] + 1)))),
+            "clamp_norm": round(min(hp.max_clamp, hp.margin * best["norm_at_coverage"]), 4),
         }
-        summary = {"candidates": per, "coverage": self.coverage, "margin": self.margin, "rule": dict(rule)}
+        summary = {"candidates": per, "coverage": hp.coverage, "margin": hp.margin, "rule": dict(rule)}
         return {"target": rule}, summary
 
     def score(self, val: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:

@@ -14,38 +14,38 @@ activations; TensorBoard gets the per-candidate figures and histograms of the ra
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from common import TrainPool
+from common.hparams import to_dict
 from datamodules.examples import EditExample
-from lalms.base import LALM
-from lit_modules.base import plain
+from editors.wise import Margins
 from lit_modules.calibration import CalibrationModule, best_threshold, edit_key
 
 MARGINS = ("alpha", "beta", "gamma")
 
 
+@dataclass(frozen=True)
+class WISECalibrationHParams:
+    """What WISE's calibration tries: the module's `hp` (configs/editor/wise.yaml's `module`)."""
+
+    candidates: tuple[Margins, ...]
+    """Margin settings (alpha, beta, gamma) tried, act_ratio fitted for each; empty: the
+    config's own margins (editor.hparams.margins) alone."""
+
+
 class WISECalibration(CalibrationModule):
-    def __init__(
-        self,
-        lalm: LALM,
-        pool: TrainPool,
-        method: str,
-        hparams: Mapping[str, Any],
-        candidates: Sequence[Mapping[str, float]],
-    ) -> None:
-        """`candidates`: margin settings (alpha, beta, gamma) tried; [] tries the config's."""
-        hparams, candidates = plain(hparams), plain(candidates)  # checkpoints hold plain data only
-        super().__init__(lalm, pool, method, hparams)
-        self.candidates = [dict(c) for c in candidates] or [dict(self.editor_hparams["margins"])]
-        for c in self.candidates:
-            if set(c) != set(MARGINS):
-                raise ValueError(f"WISE calibration candidates set {MARGINS}, got {sorted(c)}")
-        self.save_hyperparameters(ignore=["lalm", "pool"])
-        self._editors: list[Any] | None = None
+    HParams = WISECalibrationHParams
+    hp: WISECalibrationHParams
+    _editors: list[Any] | None = None  # built on first use
+
+    @property
+    def candidates(self) -> list[dict[str, float]]:
+        """The margin settings tried, as plain mappings nested like WISE's `margins`."""
+        return [to_dict(c) for c in self.hp.candidates] or [dict(self.editor_hparams["margins"])]
 
     def editors(self) -> list[Any]:
         """One WISE per candidate, sharing the preservation activations (computed once)."""

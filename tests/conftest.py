@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 
 from lalms import FAMILIES, Qwen2Audio  # noqa: E402
 from lalms.tiny import build_tiny  # noqa: E402
+from tests.helpers import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +22,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def lalm(request, tiny_dirs):
     """A tiny LALM of each family, loaded from disk like any model directory."""
-    return FAMILIES[request.param].load(str(tiny_dirs[request.param]))
+    return load_model(FAMILIES[request.param], tiny_dirs[request.param])
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def shipped_lalm():
     """The shipped tiny LALM (checkpoints/tiny-lalm), loaded once per test module."""
     from pathlib import Path
 
-    return Qwen2Audio.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-lalm"))
+    return load_model(Qwen2Audio, Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-lalm")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from cli.config import apply_training_changes, editor_hparams, register_resolvers
 from editors.registry import build
+from lit_modules.base import build_module
 
 
 class Pace(L.Callback):
@@ -49,7 +50,33 @@ def configured(name: str, lalm, pool, *overrides: str, model: str = "tiny"):
 def training_module(name: str, lalm, pool, *overrides: str, model: str = "tiny"):
     """Editor `name`'s LightningModule as train.py builds it for `model`."""
     cfg = composed("train", f"editor={name}", f"model={model}", *overrides)
-    return instantiate(cfg.editor.module, lalm=lalm, pool=pool)
+    return build_module(cfg.editor.module, f"configs/editor/{name}.yaml", lalm=lalm, pool=pool)
+
+
+def recipe_module(experiment: str, lalm, *overrides: str):
+    """The LightningModule of `experiment=<experiment>` (e.g. pretrain_tiny) as train.py builds it."""
+    cfg = composed("train", f"experiment={experiment}", *overrides)
+    return build_module(cfg.module, f"configs/experiment/{experiment}.yaml", lalm=lalm)
+
+
+def recipe_data(experiment: str, *overrides: str):
+    """The DataModule of `experiment=<experiment>` as train.py instantiates it."""
+    return instantiate(composed("train", f"experiment={experiment}", *overrides).data)
+
+
+def load_model(cls, path, model: str = "tiny", **changes):
+    """`cls.load(path)` with the values configs/model/<model>.yaml gives the loading settings
+    that `load` requires (ProcessorLALM: dtype, device, random_init, arch, processor_path; they
+    have no defaults), `changes` (e.g. name=...) written over them: a test loads a model folder
+    with the values a command would."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{model}.yaml"))
+    params = inspect.signature(cls.load).parameters.values()
+    required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    return cls.load(str(path), **{**{k: cfg[k] for k in required}, **changes})
 
 
 def openai_judge(**changes):

@@ -13,7 +13,7 @@ from lalms import Qwen2Audio
 from lit_modules.base import ExportEditor
 from lit_modules.calibration import best_threshold
 from lit_modules.unke import quantile
-from tests.helpers import configured, training_module
+from tests.helpers import configured, load_model, training_module
 from tests.test_baseline_editors import sweeper
 from tests.test_meta_training import Kill, data, trainer
 
@@ -150,7 +150,7 @@ def test_unke_calibration_chooses_the_key_search_and_exports_the_preserved_keys(
     assert torch.equal(loaded[0][0], args[0]) and torch.equal(loaded[2], out_states)
     assert torch.equal(loaded[3], mask) and set(loaded[1]) == set(kwargs)
 
-    other = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))  # same architecture, other weights
+    other = load_model(Qwen2Audio, tiny_dirs["qwen2_audio"])  # same architecture, other weights
     with pytest.raises(EditorModelMismatch, match="unke editor was trained on model .* weights differ"):
         load_editor(out, other, pool)
 

@@ -142,8 +142,9 @@ def test_the_fingerprint_covers_every_value(tiny_dirs):
     CPU path and on the accelerator path (run here on CPU tensors)."""
     from lalms import Qwen2Audio
     from lalms.base import device_digest
+    from tests.helpers import load_model
 
-    lalm = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))
+    lalm = load_model(Qwen2Audio, tiny_dirs["qwen2_audio"])
     before = lalm.fingerprint()
     weight = next(lalm.model.parameters())
     flat = weight.detach().reshape(-1).view(torch.uint8)

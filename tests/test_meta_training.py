@@ -17,7 +17,7 @@ from lalms import Qwen2Audio
 from lalms.base import IGNORE_INDEX, answer_nll
 from lit_modules.base import ExportEditor
 from lit_modules.hypernet import MetaBatch
-from tests.helpers import training_module
+from tests.helpers import load_model, training_module
 
 ROOT = Path(__file__).resolve().parents[1]
 # The modules as train.py builds them on the tiny model, with smaller networks.
@@ -30,7 +30,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def shipped():
-    return Qwen2Audio.load(str(ROOT / "checkpoints" / "tiny-lalm"), name="tiny")
+    return load_model(Qwen2Audio, ROOT / "checkpoints" / "tiny-lalm", name="tiny")
 
 
 def module(kind, lalm, *overrides, pool=None):
@@ -90,7 +90,7 @@ def test_meta_training_logs_exports_and_the_export_loads(kind, shipped, mini_dir
     # recomputed here from the trained network.
     examples = list(itertools.islice(iter(data(mini_dir).dataset("val")), 4))
     mod.net.eval()
-    outs = [mod.meta_step(MetaBatch.build(examples[i : i + 2], None, mod.hparams.seed)) for i in (0, 2)]
+    outs = [mod.meta_step(MetaBatch.build(examples[i : i + 2], None, mod.hp.objective.seed)) for i in (0, 2)]
     for key in (
         "success_edit",
         "success_text_equiv",
@@ -118,7 +118,7 @@ def test_meta_training_logs_exports_and_the_export_loads(kind, shipped, mini_dir
     handle.undo()
     assert all(torch.equal(p, before[n]) for n, p in shipped.model.named_parameters())
 
-    other = Qwen2Audio.load(str(tiny_dirs["qwen2_audio"]))  # same shapes, other weights
+    other = load_model(Qwen2Audio, tiny_dirs["qwen2_audio"])  # same shapes, other weights
     with pytest.raises(EditorModelMismatch, match="trained on model 'tiny'"):
         load_editor(out, other, None)
 

@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.pretrain import PretrainDataModule
 from lalms.tiny import new_tiny
 from lit_modules.calibration import _finite
 from lit_modules.mend import MENDModule
 from lit_modules.pretrain import TinyPretrainModule
+from tests.helpers import recipe_data, recipe_module
 
 from .test_meta_training import data, module, trainer
 
@@ -65,8 +65,10 @@ class NaNPretrain(TinyPretrainModule):
 
 def test_a_non_finite_pretraining_step_is_skipped(mini_dir, tmp_path):
     lalm = new_tiny(seed=0)
-    mod = NaNPretrain(lalm, warmup_steps=1)
-    dm = PretrainDataModule(str(mini_dir), batch_size=2, steps=4, val_examples=2)
+    mod = recipe_module("pretrain_tiny", lalm, "module._target_=tests.test_numerics.NaNPretrain",
+                        "module.warmup_steps=1")  # fmt: skip
+    dm = recipe_data("pretrain_tiny", f"data.root={mini_dir}", "data.batch_size=2", "data.steps=4",
+                     "data.val_examples=2")  # fmt: skip
     watch = Watch()
     trainer(tmp_path, [watch], limit_train_batches=4, gradient_clip_val=1.0).fit(mod, datamodule=dm)
     assert int(mod.skipped_steps) == 1

@@ -6,13 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from datamodules import SakeData
 from datamodules.builder import load_world, read_manifest
-from datamodules.pretrain import PretrainDataModule, PretrainTasks, stratified_holdout
+from datamodules.pretrain import PretrainTasks, stratified_holdout
 from datamodules.schema import norm_label, parse_options
 from evaluation.exact import exact_match
 from evaluation.unedited import probes
+from tests.helpers import composed, load_model, recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +28,10 @@ def tasks(mini_dir):
         def __getitem__(self, key):
             return __import__("numpy").zeros(1600, "float32")
 
-    return PretrainTasks(
-        clips, Lazy(waves), load_world(mini_dir / "world.yaml"), length=400, seed=3, augment=False
-    )
+    data = composed("train", "experiment=pretrain_tiny").data  # the recipe's task and attribute shares
+    mixes = {k: OmegaConf.to_container(data[k]) for k in ("mix", "attribute_mix", "portability_mix")}
+    world = load_world(mini_dir / "world.yaml")
+    return PretrainTasks(clips, Lazy(waves), world, length=400, seed=3, augment=False, **mixes)
 
 
 def test_examples_are_reproducible_and_answerable(tasks):
@@ -65,7 +68,8 @@ def test_holdout_is_stratified_and_disjoint(mini_dir):
 
 
 def test_pretrain_data_uses_training_clips_only(mini_dir):
-    dm = PretrainDataModule(str(mini_dir), batch_size=4, steps=2, val_examples=8)
+    dm = recipe_data("pretrain_tiny", f"data.root={mini_dir}", "data.batch_size=4", "data.steps=2",
+                     "data.val_examples=8")  # fmt: skip
     dm.setup()
     test_files = {c.file for c in read_manifest(mini_dir / "pool.jsonl") if c.split == "test"}
     assert not set(f for _, f in dm.train_set.waves) & test_files
@@ -87,7 +91,7 @@ def test_pretrain_recipe_runs_and_exports(mini_dir, tmp_path):
     assert list((run / "tensorboard").rglob("events.*"))
     from lalms import Qwen2Audio
 
-    assert Qwen2Audio.load(str(run / "tiny-lalm")).edit_sites.num_llm_layers == 4
+    assert load_model(Qwen2Audio, run / "tiny-lalm").edit_sites.num_llm_layers == 4
 
 
 def test_base_truths_are_the_unedited_answers(mini_dir):

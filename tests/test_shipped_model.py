@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from datamodules import AudioResolver, SakeData
 from datamodules.builder import load_world
 from evaluation.unedited import base_accuracy
+from tests.helpers import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "tiny-lalm"
@@ -49,7 +50,7 @@ def test_the_shipped_model_meets_its_model_card_bars():
     root = ensure_mini(ROOT / "data" / "sake_mini")
     from lalms import Qwen2Audio
 
-    lalm = Qwen2Audio.load(str(CHECKPOINT))
+    lalm = load_model(Qwen2Audio, CHECKPOINT)
     data = SakeData.load(root)
     m = base_accuracy(lalm, data.test, AudioResolver(root / "audio"), load_world(root / "world.yaml"))
     attrs = [m[f"attribute/{a}"]["accuracy"] for a in ("gender", "emotion", "language", "animal")]
