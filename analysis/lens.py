@@ -19,7 +19,6 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from common.prompt import Prompt
 from datamodules.schema import SAKE_LABELS, norm_label
 from evaluation.sweep import request
 from lalms.base import IGNORE_INDEX, LALM, hidden
-from lalms.hooks import hooked
+from lalms.hooks import Hook, hooked_all
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,11 @@ class LogitLens:
     def probabilities(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """(samples, layers, vocab): the lens distribution at each layer's last position."""
         states: list[torch.Tensor] = []
-        with ExitStack() as stack:
-            for layer in self.layers:
-                stack.enter_context(hooked(layer, lambda m, a, out: states.append(hidden(out)[:, -1])))
+
+        def keep(m, a, out):
+            states.append(hidden(out)[:, -1])
+
+        with hooked_all(Hook(layer, keep) for layer in self.layers):
             self.lalm.logits(self.lalm.to_device(self.lalm.encode(list(prompts))))
         stacked = torch.stack(states, dim=1)  # (B, L, d), before the final norm
         return self.head(self.norm(stacked)).float().softmax(-1)

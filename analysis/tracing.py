@@ -29,7 +29,6 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from analysis.tables import write_csv
 from common.progress import progress_bar
 from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
-from lalms.hooks import hooked
+from lalms.hooks import Hook, hooked_all
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("residual", "mlp", "attn")
@@ -101,15 +100,16 @@ class CausalTracer:
     def __init__(
         self,
         lalm: LALM,
-        corrupt_at: str = "audio_input",
-        noise: float = 3.0,
-        window: int = 1,
-        bins: int = 4,
-        position_stride: int = 1,
-        batch_size: int = 64,
-        min_drop: float = 0.1,
-        seed: int = 0,
-    ) -> None:
+        *,
+        corrupt_at: str,
+        noise: float,
+        window: int,
+        bins: int,
+        position_stride: int,
+        batch_size: int,
+        min_drop: float,
+        seed: int,
+    ) -> None:  # the values: configs/analysis/trace.yaml (window, position_stride: configs/tuning/<model>/)
         if corrupt_at not in ("audio_input", "connector"):
             raise ValueError(f"corrupt_at must be 'audio_input' or 'connector', got {corrupt_at!r}")
         if lalm.edit_sites.audio_layers is None and corrupt_at == "audio_input":
@@ -123,9 +123,8 @@ class CausalTracer:
         self.modules = {s.path: lalm.model.get_submodule(s.path) for s in self.sites}
 
     # ------------------------------------------------------------------ runs
-    def _corruption(self, noise: torch.Tensor | None, record: dict):
-        """A hook (in effect for a `with` block) that adds `noise` to the audio representation
-        (or, noise None, records it)."""
+    def _corruption(self, noise: torch.Tensor | None, record: dict) -> Hook:
+        """The hook that adds `noise` to the audio representation (or, noise None, records it)."""
 
         def add(x: torch.Tensor) -> torch.Tensor:
             if noise is None:
@@ -135,7 +134,7 @@ class CausalTracer:
 
         if self.corrupt_at == "connector":
             module = self.lalm.model.get_submodule(self.lalm.edit_sites.connector)
-            return hooked(module, lambda m, a, out: with_hidden(out, add(hidden(out))))
+            return Hook(module, lambda m, a, out: with_hidden(out, add(hidden(out))))
         module = self.lalm.model.get_submodule(f"{self.lalm.edit_sites.audio_layers}.0")
 
         def pre(m, args, kwargs):
@@ -144,21 +143,21 @@ class CausalTracer:
             key = next(iter(kwargs))
             return args, {**kwargs, key: add(kwargs[key])}
 
-        return hooked(module, pre, pre=True, with_kwargs=True)
+        return Hook(module, pre, pre=True, with_kwargs=True)
 
     def _run(self, batch, corrupt: torch.Tensor | None, restore: Sequence[tuple[set[str], int]] = ()):
         """p(answer) rows of one forward; `restore[b]` = (module paths, position) for row b."""
         clean_out: dict = {}
         record: dict = {}
-        with ExitStack() as stack, torch.no_grad():
-            stack.enter_context(self._corruption(corrupt, record))
-            for path, module in self.modules.items():
-                if corrupt is None:  # the clean run records every traced output
-                    stack.enter_context(hooked(module, self._recorder(path, clean_out)))
-                    continue
-                rows = [(b, pos) for b, (paths, pos) in enumerate(restore) if path in paths]
-                if rows:
-                    stack.enter_context(hooked(module, self._restorer(path, rows)))
+        hooks = [self._corruption(corrupt, record)]
+        for path, module in self.modules.items():
+            if corrupt is None:  # the clean run records every traced output
+                hooks.append(Hook(module, self._recorder(path, clean_out)))
+                continue
+            rows = [(b, pos) for b, (paths, pos) in enumerate(restore) if path in paths]
+            if rows:
+                hooks.append(Hook(module, self._restorer(path, rows)))
+        with hooked_all(hooks), torch.no_grad():
             logits = self.lalm.logits(batch)[:, -1].float()
         return logits.softmax(-1), clean_out, record
 
@@ -360,7 +359,7 @@ def heatmaps(summary: TraceSummary, out_dir: Path) -> list[Path]:
     return written
 
 
-def run(lalm: LALM, data, out_dir: Path, samples: int = 8, **settings) -> TraceSummary:
+def run(lalm: LALM, data, out_dir: Path, *, samples: int, **settings) -> TraceSummary:
     """Trace the first `samples` test instances of each attribute; write CSVs, heatmaps, summary."""
     tracer = CausalTracer(lalm, **settings)
     items = reliability_samples(data.eval_instances(), data.audio_root, lalm.sampling_rate, samples)

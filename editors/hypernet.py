@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 from common import EditRequest
 from editors.base import BatchEdit, WeightSnapshot
 from lalms.base import LALM, answer_nll
-from lalms.hooks import hooked
+from lalms.hooks import Hook, hooked_all
 from lalms.rows import UNEDITED, RowEdits, RowsMemory, low_rank_memory
 
 
@@ -141,9 +141,8 @@ class HyperNetwork(nn.Module, abc.ABC):
 
             return fn
 
-        with ExitStack() as stack, torch.enable_grad():
-            for i, path in enumerate(self.module_paths):
-                stack.enter_context(hooked(model.get_submodule(path), hook(i)))
+        hooks = [Hook(model.get_submodule(path), hook(i)) for i, path in enumerate(self.module_paths)]
+        with hooked_all(hooks), torch.enable_grad():
             logits = self.lalm.logits(batch)
             labels = batch["labels"].to(logits.device)
             rows = torch.as_tensor(list(edit_rows), device=logits.device)

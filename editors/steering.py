@@ -26,7 +26,7 @@ from common import EditRequest, TrainPool
 from common.prompt import Prompt
 from editors.base import BatchEdit
 from lalms.base import LALM, hidden, with_hidden
-from lalms.hooks import Trace
+from lalms.hooks import Hooks, Trace
 from lalms.rows import UNEDITED, RowEdits, RowsMemory
 
 
@@ -101,7 +101,7 @@ class Steering:
         self.lalm, self.hp, self.pool = lalm, hp, pool
         self.layer = lalm.model.get_submodule(lalm.edit_sites.resolve("llm.layers.-1"))
         self.maps: list[SteeringMap] = []
-        self._hook = None
+        self._hook: Hooks | None = None  # the steering hook, while there are maps
         self._paused = False
 
     # ------------------------------------------------------------------ fitting
@@ -156,7 +156,7 @@ class Steering:
         fitted = self.fit(request)  # on unsteered states
         self.maps.append(fitted)
         if self._hook is None:
-            self._hook = self.layer.register_forward_hook(self._steer)
+            self._hook = Hooks().add(self.layer, self._steer)
         return SteeringHandle(self, fitted)
 
     def apply_rows(self, requests: Sequence[EditRequest]) -> BatchEdit:

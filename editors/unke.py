@@ -32,7 +32,7 @@ from common import EditRequest, TrainPool
 from editors.base import BatchEdit, Preservation, WeightSnapshot, dense_rows
 from editors.locate import SearchTrace, ValueSearch, search_delta
 from lalms.base import IGNORE_INDEX, LALM, hidden
-from lalms.hooks import hooked
+from lalms.hooks import Hook, hooked_all
 from lalms.rows import RowsMemory, tensors_memory
 
 
@@ -62,10 +62,6 @@ class UnKEHParams:
     block: BlockTraining
 
 
-class _Stop(Exception):
-    """Raised by a hook once the block has run: nothing above it is needed."""
-
-
 class UnKE:
     HParams = UnKEHParams
 
@@ -85,16 +81,12 @@ class UnKE:
         def record(module, args, kwargs):
             seen["args"], seen["kwargs"] = args, kwargs
 
-        def stop(module, args, output):
+        def keep(module, args, output):
             seen["out"] = hidden(output)
-            raise _Stop
 
-        try:
-            with hooked(self.block, record, pre=True, with_kwargs=True), hooked(self.block, stop):
-                with torch.no_grad():
-                    self.lalm.forward(batch)
-        except _Stop:
-            pass
+        hooks = [Hook(self.block, record, pre=True, with_kwargs=True), Hook(self.block, keep, stop=True)]
+        with hooked_all(hooks), torch.no_grad():  # the forward ends after the block: nothing above is needed
+            self.lalm.forward(batch)
         return seen["args"], seen["kwargs"], seen["out"].detach()
 
     def preserved(self) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:

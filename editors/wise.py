@@ -39,7 +39,7 @@ from common import EditRequest, TrainPool
 from common.prompt import Prompt
 from editors.base import BatchEdit, Preservation
 from lalms.base import LALM, answer_nll
-from lalms.hooks import Trace
+from lalms.hooks import Hooks, Trace
 from lalms.rows import UNEDITED, RowEdits, RowsMemory
 
 
@@ -125,7 +125,7 @@ class WISE:
         self._out_x: tuple[torch.Tensor, torch.Tensor] | None = None  # preservation activations, mask
         self._mask: torch.Tensor | None = None  # relevant positions of the batch being run
         self._route: torch.Tensor | None = None  # per-sample decision, kept while generating
-        self._hooks: list = []
+        self._hooks = Hooks()  # routing, while there are edits
 
     # ------------------------------------------------------------------ activations
     def _forward(self, batch: dict[str, torch.Tensor], params=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,15 +198,12 @@ class WISE:
                 self._route = d > threshold
             return torch.where(self._route[:, None, None], side, out)
 
-        self._hooks = [
-            self.lalm.model.get_input_embeddings().register_forward_pre_hook(keep_mask),
-            self.module.register_forward_hook(route),
-        ]
+        self._hooks.add(self.lalm.model.get_input_embeddings(), keep_mask, pre=True)
+        self._hooks.add(self.module, route)
 
     def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._route = [], None
+        self._hooks.remove()
+        self._route = None
 
     def routed(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Which samples of a batch go to the side memory (the decision of one forward)."""

@@ -31,6 +31,7 @@ from torch import nn
 
 from common.prompt import Prompt
 from lalms.base import hidden
+from lalms.hooks import Hooks
 
 UNEDITED = -1
 
@@ -131,7 +132,7 @@ class RowEdits:
     edit_sites: object
     n_groups: int
     _low_rank: dict[str, _LowRank] = field(default_factory=dict)
-    _hooks: list = field(default_factory=list)
+    _hooks: Hooks = field(default_factory=Hooks)
     _rows: torch.Tensor | None = None
     _clips: torch.Tensor | None = None
     _only: int | None = None
@@ -212,7 +213,7 @@ class RowEdits:
         def hook(_module, args, out):
             return state.added(out, args[0], self.groups_of(path, out.shape[0], out.device))
 
-        self._hooks.append(module.register_forward_hook(hook))
+        self._hooks.add(module, hook)
 
     def push(self, path: str, group: int, left: torch.Tensor, right: torch.Tensor) -> None:
         """Add dW = left^T right (left [r, d_out], right [r, d_in]) to group `group` at `path`
@@ -259,7 +260,7 @@ class RowEdits:
                 inside[0] = False
             return out
 
-        self._hooks.append(module.register_forward_hook(hook, with_kwargs=True))
+        self._hooks.add(module, hook, with_kwargs=True)
 
     # ------------------------------------------------------------------ anything else
     def hook(self, path: str, fn: Callable) -> None:
@@ -271,11 +272,9 @@ class RowEdits:
             h = hidden(out)
             return fn(mod, args, out, self.groups_of(path, h.shape[0], h.device))
 
-        self._hooks.append(module.register_forward_hook(wrapped))
+        self._hooks.add(module, wrapped)
 
     def remove(self) -> None:
         """Remove every hook: the model is as it was before (nothing was written to it)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        self._hooks.remove()
         self._low_rank.clear()

@@ -15,6 +15,19 @@ from analysis.tracing import CausalTracer, bins, group_order, summarise, windows
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tracer_settings(**changes):
+    """CausalTracer's settings as `analyze.py trace model=tiny` composes them (configs/analysis/
+    trace.yaml with configs/tuning/tiny/trace.yaml), `changes` written over them."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import composed
+
+    run = OmegaConf.to_container(
+        composed("analyze", "analysis=trace", "model=tiny").analysis.run, resolve=True
+    )
+    return {**{k: v for k, v in run.items() if not k.startswith("_") and k != "samples"}, **changes}
+
+
 def test_layer_windows_and_position_groups():
     assert [list(w) for w in windows(4, 1)] == [[0], [1], [2], [3]]
     assert [list(w) for w in windows(5, 3)] == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]]
@@ -38,7 +51,8 @@ def test_restoring_the_last_layer_at_the_last_token_undoes_the_corruption(shippe
     """The last block's output at the last position is all the answer depends on: restoring it
     must recover the clean probability exactly, and restoring nothing changes nothing."""
     tracer = CausalTracer(
-        shipped_lalm, corrupt_at=corrupt_at, noise=10.0, position_stride=1000, min_drop=0.05
+        shipped_lalm,
+        **tracer_settings(corrupt_at=corrupt_at, noise=10.0, position_stride=1000, min_drop=0.05),
     )
     t = traced(tracer, samples)
     last = shipped_lalm.edit_sites.num_llm_layers - 1
@@ -53,8 +67,8 @@ def test_restoring_the_last_layer_at_the_last_token_undoes_the_corruption(shippe
 
 def test_batched_restorations_equal_one_at_a_time(shipped_lalm, samples):
     common = dict(noise=10.0, position_stride=1000, min_drop=0.05)
-    batched = traced(CausalTracer(shipped_lalm, batch_size=64, **common), samples)
-    single = traced(CausalTracer(shipped_lalm, batch_size=1, **common), samples)
+    batched = traced(CausalTracer(shipped_lalm, **tracer_settings(batch_size=64, **common)), samples)
+    single = traced(CausalTracer(shipped_lalm, **tracer_settings(batch_size=1, **common)), samples)
     assert batched.effects.keys() == single.effects.keys()
     for k, v in batched.effects.items():
         assert v == pytest.approx(single.effects[k], abs=1e-5), k
