@@ -109,7 +109,7 @@ class CausalTracer:
         batch_size: int,
         min_drop: float,
         seed: int,
-    ) -> None:  # the values: configs/analysis/trace.yaml (window, position_stride: configs/tuning/<model>/)
+    ) -> None:  # the values: configs/analysis/trace.yaml (window, position_stride: tuning/)
         if corrupt_at not in ("audio_input", "connector"):
             raise ValueError(f"corrupt_at must be 'audio_input' or 'connector', got {corrupt_at!r}")
         if lalm.edit_sites.audio_layers is None and corrupt_at == "audio_input":

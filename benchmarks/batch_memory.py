@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
     depth, k = int(cfg.get("depth", 2)), int(cfg.get("k", 4))
     cfg.model.arch.text_config.num_hidden_layers = depth
     cfg.model.arch.audio_config.encoder_layers = depth
-    cfg.model.random_init, cfg.model.edit_layers = True, list(range(depth))
+    cfg.model.random_init, cfg.editor.hparams.layers = True, list(range(depth))
     lalm = instantiate(cfg.model)
     data = instantiate(cfg.data)
     data.prepare_data()

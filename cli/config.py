@@ -176,7 +176,8 @@ def editor_hparams(cfg: DictConfig) -> dict:
         key = named.group(1) if named else err.full_key
         raise HParamsError(
             f"{key} has no value for model {cfg.model.name}: it is set per model, in "
-            f"configs/tuning/{cfg.model.name}/{cfg.editor.name}.yaml (see configs/tuning/qwen/ for one)"
+            f"configs/tuning/{cfg.model.name}/{cfg.editor.name}.yaml, or in the profile its model config "
+            f"names (see configs/tuning/_profiles/paper_7b/ for one)"
         ) from err
 
 

@@ -2,7 +2,7 @@
 training modules' objective and schedule, the LLM judge's request and connection).
 
 Every editor takes `Method(lalm, hp, pool)` where `hp` is a frozen dataclass without defaults:
-the YAML in configs/editor/ (with configs/tuning/<model>/ on top) is the one source of its
+the YAML in configs/editor/ (with configs/tuning/[_profiles/]<...>/ on top) is the one source of its
 values. `parse` builds one from a plain mapping and refuses a missing, unknown or mistyped key
 with a message naming where it came from and the key's full path. A training module's `hp`
 (lit_modules/: `MetaTraining`, its `Objective` and `Schedule`, ...) is read the same way by

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tracer_settings(**changes):
     """CausalTracer's settings as `analyze.py trace model=tiny` composes them (configs/analysis/
-    trace.yaml with configs/tuning/tiny/trace.yaml), `changes` written over them."""
+    trace.yaml with configs/tuning/_profiles/tiny/trace.yaml), `changes` written over them."""
     from omegaconf import OmegaConf
 
     from tests.helpers import composed

@@ -2,8 +2,9 @@
 there changed no value a command composes: every entry point, editor and model composes the
 values it composed before (tests/reference/composed_configs_before_issue21.json, written by the
 configs of commit 725928a), under the new key names, but for the values issue 30 changed on
-purpose (`issue30`: MEND and KE as SAKE's fork trains them) and the `_recursive_` that modules
-built by train.py no longer need (`built_modules`)."""
+purpose (`issue30`: MEND and KE as SAKE's fork trains them), the `_recursive_` that modules
+built by train.py no longer need (`built_modules`) and MEND's and KE's layers, written once in
+configs/editor/_hypernet.yaml instead of each model's `edit_layers` (`hypernet_layers`)."""
 
 import json
 import re
@@ -141,6 +142,14 @@ def built_modules(before: dict) -> dict:
     return {k: "<absent>" for k in before if k == "editor.module._recursive_"}
 
 
+def hypernet_layers(before: dict) -> dict:
+    """MEND's and KE's layers are the editors' (configs/editor/_hypernet.yaml: the last three, the
+    layers every model's `edit_layers` named), not the model configs'."""
+    out = {k: "<absent>" for k in before if k == "model.edit_layers"}
+    out.update({k: [-3, -2, -1] for k in before if k == "editor.module.network.layers"})
+    return out
+
+
 CASES = sorted(BEFORE)
 # Layers named once for the sites that interpolate them (editor.hparams.sites carries their values).
 HELPERS = ("editor.layer", "editor.audio_layer")
@@ -170,12 +179,14 @@ def test_every_command_composes_the_values_it_composed_before(case):
         before.update({k: v for k, v in trained.items() if k.startswith("editor.module.")})
     before.update(issue30(case, before))
     before.update(built_modules(before))
+    before.update(hypernet_layers(before))
     assert translated(before, now) == before
 
 
 def test_a_new_model_is_one_folder_and_a_missing_value_names_the_file(tmp_path):
-    """Every per-model value an editor leaves open (???) is set by each model's folder; a model
-    without it gets an error naming the key and the file to put it in."""
+    """Every per-model value an editor leaves open (???) is set for each model (by its profile,
+    configs/tuning/_profiles/<profile>/, or its own folder); a model without it gets an error
+    naming the key and the file to put it in."""
     from cli.config import editor_hparams
     from common.hparams import HParamsError
 
@@ -187,7 +198,9 @@ def test_a_new_model_is_one_folder_and_a_missing_value_names_the_file(tmp_path):
             with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
                 cfg = compose(config_name="evaluate", overrides=[f"editor={editor}", f"model={model}"])
             editor_hparams(cfg)  # no ??? left
-    (CONFIGS / "model" / "newcomer.yaml").write_text("defaults:\n  - tiny\n  - _self_\nname: newcomer\n")
+    (CONFIGS / "model" / "newcomer.yaml").write_text(  # the tiny model's settings, not its profile's values
+        "defaults:\n  - tiny\n  - override profile: none\n  - _self_\nname: newcomer\n"
+    )
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose(config_name="evaluate", overrides=["editor=rome", "model=newcomer"])

@@ -14,7 +14,11 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment", "tuning", "analysis"]
+GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment", "tuning", "tuning/_profiles",
+          "analysis"]  # fmt: skip
+# Choices that are a name only, with no config of their own: the profile a model config names
+# (a folder of configs/tuning/_profiles/; tests/test_config_profiles.py).
+NAMES = ["model/profile"]
 
 
 def entry_groups(entry):
@@ -85,7 +89,7 @@ def test_tuning_applies_to_its_model_and_editor_in_every_entry_point(tuning, ent
 
 def test_all_groups_exist_and_known_models_are_there():
     assert set(entry_groups("train")) | set(entry_groups("evaluate")) | set(entry_groups("analyze")) == set(
-        GROUPS
+        GROUPS + NAMES
     )
     for group in GROUPS:
         assert (CONFIGS / group).is_dir(), group
