@@ -1,4 +1,4 @@
-"""Causal tracing and the logit lens on the shipped tiny LALM (analysis/, analyze.py, trace.py)."""
+"""Causal tracing on the shipped tiny LALM (analysis/, analyze.py, trace.py)."""
 
 import json
 import os
@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from analysis.lens import LogitLens
 from analysis.tracing import CausalTracer, bins, group_order, summarise, windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,29 +75,6 @@ def test_batched_restorations_equal_one_at_a_time(shipped_lalm, samples):
     assert {r["tower"] for r in summary.per_layer()} == {"audio", "llm"}
 
 
-def test_the_lens_at_the_last_layer_is_the_models_own_output(shipped_lalm, samples):
-    """Hooks take the layer outputs before the final norm, so the last layer's lens distribution
-    equals the model's next-token distribution (a double norm would not)."""
-    lens = LogitLens(shipped_lalm)
-    prompts = [s.prompt for s in samples[:4]]
-    probs = lens.probabilities(prompts)
-    assert probs.shape[:2] == (len(prompts), shipped_lalm.edit_sites.num_llm_layers)
-    with torch.no_grad():
-        own = (
-            shipped_lalm.logits(shipped_lalm.to_device(shipped_lalm.encode(prompts)))[:, -1]
-            .float()
-            .softmax(-1)
-        )
-    assert torch.allclose(probs[:, -1], own, atol=1e-5)
-    reads = lens.read(samples[:2], ["dog", "cat", "frog", "male", "female", samples[0].truth])
-    assert all(len(r["p"]) == probs.shape[1] for r in reads)
-    for r in reads:  # settles_at: from there on the right label leads
-        if r["settles_at"] is not None:
-            assert all(r["leads"][r["settles_at"] :]) and (
-                r["settles_at"] == 0 or not r["leads"][r["settles_at"] - 1]
-            )
-
-
 def run_cli(script, *args):
     env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
     out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env,
@@ -107,16 +82,8 @@ def run_cli(script, *args):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_analyze_lens_and_trace_write_their_tables_and_plots(mini_dir, tmp_path):
+def test_trace_writes_its_tables_and_plots(mini_dir, tmp_path):
     data = [f"data.root={mini_dir}", "data.build_mini=false"]
-    run_cli("analyze.py", "lens", *data, "analysis.run.samples=2", "editor=ft_llm", "analysis.run.edits=1",
-            f"hydra.run.dir={tmp_path / 'lens'}")  # fmt: skip
-    summary = json.loads((tmp_path / "lens" / "lens.json").read_text())
-    assert set(summary["settling"]) == {"gender", "emotion", "language", "animal"}
-    assert len(summary["edit"]) == 4  # per layer: before/after probabilities of target and original
-    assert all(
-        (tmp_path / "lens" / f).is_file() for f in ("lens.csv", "lens.png", "lens_edit.csv", "lens_edit.png")
-    )
     run_cli("trace.py", *data, "analysis.run.samples=1", "analysis.run.position_stride=1000",
             "analysis.run.noise=10", "analysis.run.min_drop=0.0",
             f"hydra.run.dir={tmp_path / 'trace'}")  # fmt: skip
