@@ -18,7 +18,8 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from common.hparams import HParamsError
 from editors.checkpoint import export_digest, load_editor, read_info
 from editors.registry import build
-from evaluation.identity import config_digest
+from evaluation.identity import config_digest, digest
+from lalms.enhancement import Enhancement
 from lit_modules.base import plain
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,40 @@ def eval_run_name(*, _root_: DictConfig) -> str:
         return f"compare-{tag}"
     editor = Path(cfg.ckpt).name if cfg.ckpt else OmegaConf.select(cfg, "editor.name", default="none")
     split = "" if cfg.get("split", "test") == "test" else f"-{cfg.split}"
-    return f"{editor}-{cfg.model.name}-{cfg.data.name}{split}-{tag}"
+    enhanced = "-enhanced" if cfg.get("enhancement") is not None else ""
+    return f"{editor}-{cfg.model.name}-{cfg.data.name}{split}{enhanced}-{tag}"
+
+
+def enhancement_tag(*, _root_: DictConfig) -> str:
+    """`-enhanced-<digest of the setting>` with `enhancement=`, else nothing: what an analysis
+    folder's name (analyze.yaml's hydra.run.dir) carries, so an enhanced model's lens never
+    lands in the plain model's folder."""
+    enhancement = Enhancement.from_config(_root_.get("enhancement"))
+    return "" if enhancement is None else f"-enhanced-{digest(enhancement.as_dict(), 8)}"
+
+
+def model_enhancement(cfg: DictConfig) -> Enhancement | None:
+    """The `enhancement=` of a config (lalms/enhancement.py: null, a mapping of its fields or the
+    path of the file `analyze.py enhance` writes), for the unedited model only: an editor edits
+    the plain model, so `ckpt=` / `editor=<an editor>` with an enhancement is refused."""
+    enhancement = Enhancement.from_config(cfg.get("enhancement"))
+    editor = cfg.get("editor")
+    if enhancement is not None and (cfg.get("ckpt") or (editor is not None and not editor.get("base_only"))):
+        used = f"ckpt={cfg.ckpt}" if cfg.get("ckpt") else f"editor={editor.name}"
+        raise ValueError(f"enhancement= is a setting of the unedited model (editor=none, or an analysis "
+                         f"without an editor); drop it or {used}")  # fmt: skip
+    return enhancement
+
+
+def enhance(cfg: DictConfig, lalm) -> Enhancement | None:
+    """Put the config's enhancement (`model_enhancement`) on `lalm`, for the rest of the run; the
+    one applied (its layers counted from 0), or None."""
+    enhancement = model_enhancement(cfg)
+    if enhancement is None:
+        return None
+    applied = enhancement.apply(lalm).enhancement
+    log.info("enhancement (AudioLens): %s", applied.describe())
+    return applied
 
 
 # Config keys of train.py that change what it trains (its recipe), and parts of them that do not.
@@ -148,6 +182,7 @@ def register_resolvers() -> None:
     from analysis.tracing import traced_layer
 
     OmegaConf.register_new_resolver("eval_run_name", eval_run_name, replace=True)
+    OmegaConf.register_new_resolver("enhancement_tag", enhancement_tag, replace=True)
     OmegaConf.register_new_resolver("train_recipe", train_recipe, replace=True)
     OmegaConf.register_new_resolver("traced_layer", traced_layer, replace=True)
 

@@ -4,8 +4,9 @@ A run folder keeps its identity in `run.json`. Re-running the same command resum
 command with another identity is refused, with the keys that differ named. The identity is
 
     editor      its full config (or, for an export, the export's config) and its weights' digest
-    model       name, fingerprint (every weight, the prompt rendering) and answers (that and
-                the generation config, detokenisation, torch/transformers versions)
+    model       name, fingerprint (every weight, the prompt rendering, an enhancement in effect)
+                and answers (that and the generation config, detokenisation, torch/transformers
+                versions); `enhancement` (its setting) when the model is enhanced
     data        name, split, the digest of the selected records and of every clip they use,
                 the instances and sequences selected, skip_missing_audio
     sweeps      which sweeps, the sequential window (first, max_gap)
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.audio_io import AudioResolver
 from datamodules.schema import EditInstance
+from lalms.enhancement import Enhancement
 
 # Keys of the evaluation config whose values change results (evaluate.yaml); `editor` counts
 # with its method and hparams only, `fabric` (how many processes) not at all.
@@ -65,6 +67,9 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         out["editor"] = editor.name
     if isinstance(out.get("data"), dict):
         out["data"] = {k: v for k, v in out["data"].items() if k not in TRAINING_ONLY}
+    enhancement = Enhancement.from_config(cfg.get("enhancement"))
+    if enhancement is not None:  # named only when set: the plain model's digests stay as they were
+        out["enhancement"] = enhancement.as_dict()  # a file's content, not its name
     if isinstance(out.get("judge"), dict):
         judge = {k: v for k, v in out["judge"].items() if k != "cache_path"}
         if isinstance(judge.get("connection"), dict):

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from common.prompt import Prompt
 from lalms.audio import check_audio
 from lalms.edit_sites import EditSites
+
+if TYPE_CHECKING:
+    from lalms.enhancement import Enhancement
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ class LALM(abc.ABC):
         self.audio_token_id = audio_token_id
         self.answer_suffix_ids = tokenizer(self.answer_suffix, add_special_tokens=False).input_ids
         self.edit_sites = EditSites.probe(model, edit_sites)
+        # AudioLens's enhancement in effect (lalms/enhancement.py: `Enhancement.apply` sets it,
+        # with its hooks, and `undo` clears it): a setting, so part of `settings()`
+        self.enhancement: Enhancement | None = None
 
     # ----------------------------------------------------------------- what a family implements
     @classmethod
@@ -124,8 +130,13 @@ class LALM(abc.ABC):
         return str(getattr(getattr(self.model, "config", None), "_name_or_path", ""))
 
     def settings(self) -> dict[str, Any]:
-        """Everything besides the weights that changes what the model is given or answers."""
-        return {"family": type(self).__name__, "template": self.template, "system": self.system_prompt}
+        """Everything besides the weights that changes what the model is given or answers; an
+        enhancement in effect (lalms/enhancement.py) is named only when there is one, so the
+        fingerprints of the plain model stay what they were."""
+        out = {"family": type(self).__name__, "template": self.template, "system": self.system_prompt}
+        if self.enhancement is not None:
+            out["enhancement"] = self.enhancement.as_dict()
+        return out
 
     def decoding(self) -> dict[str, Any]:
         """What decides an answer besides the weights, the prompt rendering (`settings()`) and

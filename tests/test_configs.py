@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 GROUPS = ["model", "trainer", "logger", "editor", "data", "judge", "experiment", "tuning", "tuning/_profiles",
-          "analysis"]  # fmt: skip
+          "analysis", "probes"]  # fmt: skip
 # Choices that are a name only, with no config of their own: the profile a model config names
 # (a folder of configs/tuning/_profiles/; tests/test_config_profiles.py).
 NAMES = ["model/profile"]
