@@ -1,7 +1,9 @@
 """Interpretability analyses of an LALM on SAKE-format data.
 
-python analyze.py lens                                      # logit lens per attribute
+python analyze.py lens                                      # AudioLens's logit lens per attribute
 python analyze.py lens ckpt=checkpoints/mend-tiny-sake_mini # ... and before/after an editor's edits
+python analyze.py knockout                                  # attention knockout over layer windows
+python analyze.py enhance                                   # the AudioLens enhancement, tuned on val
 python analyze.py trace model=qwen                          # speech-aware causal tracing
 python analyze.py trace --cfg job                           # print the composed config
 """
