@@ -5,6 +5,9 @@ python analyze.py lens ckpt=checkpoints/mend-tiny-sake_mini # ... and before/aft
 python analyze.py knockout                                  # attention knockout over layer windows
 python analyze.py enhance                                   # the AudioLens enhancement, tuned on val
 python analyze.py trace model=qwen                          # speech-aware causal tracing
+python analyze.py enhance                                   # AudioLens's enhancement, searched on val
+python analyze.py lens enhancement=outputs/analyze/enhance-tiny-sake_mini/enhancement.yaml
+                                                            # the lens of the enhanced model
 python analyze.py trace --cfg job                           # print the composed config
 """
 
@@ -21,16 +24,26 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from cli.config import build_editor, log_config, quiet_library_notices, register_resolvers  # noqa: E402
+from cli.config import (  # noqa: E402
+    build_editor,
+    enhance,
+    log_config,
+    model_enhancement,
+    quiet_library_notices,
+    register_resolvers,
+)
 
 
 def analyze(cfg: DictConfig):
-    """Run the chosen analysis (`cfg.analysis.run`) on the model and data of `cfg`."""
+    """Run the chosen analysis (`cfg.analysis.run`) on the model and data of `cfg` (enhanced
+    with `enhancement=`, lalms/enhancement.py: a setting of the unedited model)."""
     log_config()
+    enhancement = model_enhancement(cfg)  # checked before anything is loaded
     analysis = instantiate(cfg.analysis.run)
     data = instantiate(cfg.data)
     data.prepare_data()  # builds SAKE-mini on first use
     lalm = instantiate(cfg.model)
+    enhance(enhancement, lalm)
     kwargs = {}
     if cfg.ckpt or cfg.get("editor"):
         if "editor" not in inspect.signature(analysis.func).parameters:

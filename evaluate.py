@@ -22,7 +22,15 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from cli.config import build_editor, log_config, quiet_library_notices, register_resolvers, require  # noqa: E402
+from cli.config import (  # noqa: E402
+    build_editor,
+    enhance,
+    log_config,
+    model_enhancement,
+    quiet_library_notices,
+    register_resolvers,
+    require,
+)
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from datamodules.examples import PromptMaker  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
@@ -52,8 +60,10 @@ def plan(cfg: DictConfig) -> str:
     if cfg.mode == "rescore":
         return f"re-judge the responses in {cfg.results} with {judge}; reports under {cfg.paths.output_dir}"
     editor = cfg.ckpt or (cfg.editor.name if cfg.get("editor") else "<editor=... or ckpt=...>")
+    enhanced = f", enhanced ({cfg.enhancement})" if cfg.get("enhancement") is not None else ""
     return (
-        f"evaluate {editor} on {cfg.model.name} ({cfg.model.path}) over {cfg.data.name}, judged by {judge}: "
+        f"evaluate {editor} on {cfg.model.name} ({cfg.model.path}){enhanced} over {cfg.data.name}, "
+        f"judged by {judge}: "
         f"sweeps {list(cfg.sweeps)} (single: edit, score, restore, next; sequential: 10 sequences of 10, "
         f"gaps 0-{cfg.sequential.max_gap}); results.jsonl, metrics.json, report.md, plots under "
         f"{cfg.paths.output_dir}"
@@ -76,16 +86,20 @@ def main(cfg: DictConfig) -> None:
         return
     if cfg.ckpt:
         read_info(cfg.ckpt)  # fails early on a folder that is no export
+    enhancement = model_enhancement(cfg)  # the unedited model's (lalms/enhancement.py), checked early
     fabric = Fabric(**cfg.fabric)
     fabric.launch()
     data = instantiate(cfg.data)
     with fabric.rank_zero_first():
         data.prepare_data()  # builds SAKE-mini on first use
     lalm = instantiate(cfg.model, device=str(fabric.device))
+    enhancement = enhance(enhancement, lalm)  # a setting of the model: in both fingerprints
     fingerprint = lalm.fingerprint()
     answers = lalm.answers_fingerprint(fingerprint)
     cache = ResponseCache(cfg.response_cache, answers)
     model = {"name": lalm.name, "fingerprint": fingerprint, "answers": answers}
+    if enhancement is not None:  # named only when set: the plain model's identity stays as it was
+        model["enhancement"] = enhancement.as_dict()
     resolver = AudioResolver(data.audio_root)
     judged = {"model": model, "data": data, "judge": judge.identity(), "split": cfg.split}
     if cfg.get("editor") and cfg.editor.get("base_only"):

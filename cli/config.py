@@ -100,10 +100,9 @@ def model_enhancement(cfg: DictConfig) -> Enhancement | None:
     return enhancement
 
 
-def enhance(cfg: DictConfig, lalm) -> Enhancement | None:
-    """Put the config's enhancement (`model_enhancement`) on `lalm`, for the rest of the run; the
-    one applied (its layers counted from 0), or None."""
-    enhancement = model_enhancement(cfg)
+def enhance(enhancement: Enhancement | None, lalm) -> Enhancement | None:
+    """Put `enhancement` (`model_enhancement`'s) on `lalm` for the rest of the run; the one
+    applied (its layers counted from 0), or None."""
     if enhancement is None:
         return None
     applied = enhancement.apply(lalm).enhancement
