@@ -394,9 +394,10 @@ def run(
     if unknown:
         raise ValueError(f"analysis.run.variants: unknown {unknown} (choose from {', '.join(VARIANTS)})")
     others = read_compared(compare)
-    prober = Prober.from_config(lalm, probes, SAKE_LABELS)
+    instances = data.eval_instances()
+    prober = Prober.from_config(lalm, probes, SAKE_LABELS, spelled_as=instances)
     lens = Lens(prober, batch_size)
-    items = reliability_samples(data.eval_instances(), data.audio_root, lalm.sampling_rate, samples)
+    items = reliability_samples(instances, data.audio_root, lalm.sampling_rate, samples)
     by_attribute: dict[str, list[Sample]] = defaultdict(list)
     for s in items:
         by_attribute[s.instance.attribute].append(s)

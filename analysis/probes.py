@@ -101,11 +101,13 @@ class Prober:
         self.head = lalm.model.get_submodule(es.lm_head)
 
     @classmethod
-    def from_config(cls, lalm: LALM, probes: Mapping, labels: Mapping[str, Sequence[str]]) -> Prober:
-        """The prober a `probes` config (configs/probes/*.yaml) describes."""
-        return cls(
-            lalm, probes["phrasings"], labels, is_word=probes["is_word"], label_tokens=probes["label_tokens"]
-        )
+    def from_config(
+        cls, lalm: LALM, probes: Mapping, labels: Mapping[str, Sequence[str]], spelled_as: Sequence = ()
+    ) -> Prober:
+        """The prober a `probes` config (configs/probes/*.yaml) describes, its labels spelled as
+        the instances `spelled_as` write them (`spelled_labels`)."""
+        return cls(lalm, probes["phrasings"], spelled_labels(labels, spelled_as), is_word=probes["is_word"],
+                   label_tokens=probes["label_tokens"])  # fmt: skip
 
     # ----------------------------------------------------------------- building probes
     def phrasing(self, attribute: str) -> Phrasing:
@@ -206,6 +208,18 @@ class Prober:
         token (`probs` from `read`, or read now)."""
         probs = self.read(probes, positions) if probs is None else probs
         return [p[..., self.label_ids(probe)] for probe, p in zip(probes, probs, strict=True)]
+
+
+def spelled_labels(labels: Mapping[str, Sequence[str]], instances: Sequence) -> dict[str, tuple[str, ...]]:
+    """`labels` as the data writes them (its instances' original and target labels, e.g.
+    "Korean" for the schema's "korean"); a label the data does not use stays as given. A label is
+    read at its first token, and "korean" and "Korean" start with different tokens: the data's
+    spelling is the one the model was taught to answer with."""
+    seen: dict[tuple[str, str], str] = {}
+    for inst in instances:
+        for label in (inst.original, inst.target):
+            seen.setdefault((inst.attribute, norm_label(label)), label)
+    return {a: tuple(seen.get((a, norm_label(lab)), lab) for lab in labs) for a, labs in labels.items()}
 
 
 def leads(p_labels: torch.Tensor, right: int, label_ids: Sequence[int]) -> torch.Tensor:
