@@ -5,7 +5,6 @@ python analyze.py lens ckpt=checkpoints/mend-tiny-sake_mini # ... and before/aft
 python analyze.py knockout                                  # attention knockout over layer windows
 python analyze.py enhance                                   # the AudioLens enhancement, tuned on val
 python analyze.py trace model=qwen                          # speech-aware causal tracing
-python analyze.py enhance                                   # AudioLens's enhancement, searched on val
 python analyze.py lens enhancement=outputs/analyze/enhance-tiny-sake_mini/enhancement.yaml
                                                             # the lens of the enhanced model
 python analyze.py trace --cfg job                           # print the composed config

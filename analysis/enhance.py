@@ -218,9 +218,9 @@ def plot(rows: list[dict], grid_rows: list[dict], plain_val: float, chosen: int,
     axes[0].bar(x - 0.2, [r["before"] for r in rows], 0.4, label="plain")
     axes[0].bar(x + 0.2, [r["after"] for r in rows], 0.4, label="enhanced")
     axes[0].set_xticks(x, names)
-    axes[0].set_ylim(0, 1.05)
+    axes[0].set_ylim(0, 1.2)
     axes[0].set_ylabel("recognition accuracy (test)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper center", ncol=2)
     axes[0].set_title(grid_rows[chosen]["setting"], fontsize=9)
     means = [r[MEAN] for r in grid_rows]
     axes[1].plot(range(len(means)), means, marker=".", linestyle="", label="grid point")

@@ -250,10 +250,7 @@ def edit_shift(prober: Prober, editor, samples: Sequence[Sample], variants: Sequ
             finally:
                 handle.undo()
             for probe, b, a in zip(probes, before, after, strict=True):
-                tokens = {
-                    k: prober.label_token(probe.prefill, v)
-                    for k, v in (("target", inst.target), ("original", inst.original))
-                }
+                tokens = dict(zip(("target", "original"), prober.label_ids(probe, [inst.target, inst.original])))
                 for layer in range(b.shape[0]):
                     rows.append(
                         {

@@ -17,6 +17,13 @@ every label bare (`label_tokens: bare`): for byte-level BPE tokenizers (Llama-3,
 uses; Qwen2's) " happy" and "happy" are different tokens, so after "is" the bare token is one
 the model hardly ever emits there, and its probability measures something else than the
 answer. Both are available; `in_context` is the default and the one the README's figures use.
+
+When every label of an attribute starts with the same token after the prefill, that token says
+nothing about which label follows: a tokenizer that knows a word only bare writes " English" as
+a lone space token and "English" (the tiny model's does, for every language). The reply is then
+prefilled through the shared tokens ("The speech's spoken language is ") and each label read at
+its first token after them (`Probe.lead`); Qwen2's and Llama-3's tokenizers have " English" as
+one token, and nothing changes there.
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ class Probe:
     prompt: Prompt
     prefill: str  # the assistant's reply so far ("" when the answer starts the reply)
     reads: tuple[tuple[str, int], ...]  # (name, position counted from the end: -1 the last)
+    lead: str = ""  # the end of `prefill` that every label shares there (module docstring)
+
+    @property
+    def stem(self) -> str:
+        """The prefill without the labels' shared lead: what the labels continue."""
+        return self.prefill[: len(self.prefill) - len(self.lead)]
 
     @property
     def attribute(self) -> str:
@@ -121,22 +134,23 @@ class Prober:
         ask = lambda text: Prompt(text, clip.audio, clip.system, sampling_rate=clip.sampling_rate)  # noqa: E731
         if variant == "sake":
             return Probe(sample, variant, clip, "", (("last", -1),))
-        p = self.phrasing(sample.instance.attribute)
+        attribute = sample.instance.attribute
+        p = self.phrasing(attribute)
         if variant == "reversed":
-            prefill = p.reversed + self.is_word
-            where = self.position_of(prefill, p.word)
-            return Probe(sample, variant, ask(""), prefill, (("last", -1), ("attribute", where)))
-        prefill = p.probe + self.is_word
-        if variant == "probe":
-            return Probe(sample, variant, ask(""), prefill, (("last", -1),))
-        if variant == "question":
-            return Probe(sample, variant, ask(p.question), prefill, (("last", -1),))
-        if variant == "options":
-            options = ", ".join(self.labels[sample.instance.attribute])
-            return Probe(
-                sample, variant, ask(f"{p.question} Possible options: {options}."), prefill, (("last", -1),)
-            )
-        raise ValueError(f"unknown probe variant {variant!r} (one of {', '.join(VARIANTS)})")
+            stem = p.reversed + self.is_word
+            lead = self.shared_lead(stem, attribute)
+            where = self.position_of(stem + lead, p.word)
+            return Probe(sample, variant, ask(""), stem + lead, (("last", -1), ("attribute", where)), lead)
+        stem = p.probe + self.is_word
+        lead = self.shared_lead(stem, attribute)
+        prompts = {
+            "probe": "",
+            "question": p.question,
+            "options": f"{p.question} Possible options: {', '.join(self.labels[attribute])}.",
+        }
+        if variant not in prompts:
+            raise ValueError(f"unknown probe variant {variant!r} (one of {', '.join(VARIANTS)})")
+        return Probe(sample, variant, ask(prompts[variant]), stem + lead, (("last", -1),), lead)
 
     def ids(self, text: str) -> list[int]:
         return self.lalm.tokenizer(text, add_special_tokens=False).input_ids
@@ -149,19 +163,40 @@ class Prober:
             raise ValueError(f"{prefill!r}: its tokens up to {word!r} are not a prefix of its own tokens")
         return len(upto) - 1 - len(full)
 
-    def label_token(self, prefill: str, label: str) -> int:
-        """The first token of `label` as the model would start it after `prefill` (bare with
-        label_tokens=bare)."""
+    def continuation(self, prefill: str, label: str) -> list[int]:
+        """The tokens of `label` as the model would write it after `prefill` (the bare label's at
+        the start of the reply, or with label_tokens=bare)."""
         if self.label_tokens == "bare" or not prefill:
-            return self.ids(label)[0]
+            return self.ids(label)
         before, after = self.ids(prefill), self.ids(f"{prefill} {label}")
         if after[: len(before)] != before or len(after) == len(before):
             raise ValueError(f"{prefill!r} + {label!r}: the label does not start a token of its own")
-        return after[len(before)]
+        return after[len(before) :]
+
+    def shared_lead(self, prefill: str, attribute: str) -> str:
+        """The text of the tokens every label of `attribute` starts with after `prefill` (never a
+        label's last one), "" when their first tokens differ or the tokens do not read back as
+        text that extends the prefill exactly."""
+        if self.label_tokens == "bare" or not prefill:
+            return ""
+        seqs = [self.continuation(prefill, lab) for lab in self.labels[attribute]]
+        n = 0
+        while all(len(s) > n + 1 for s in seqs) and len({s[n] for s in seqs}) == 1:
+            n += 1
+        if n == 0:
+            return ""
+        lead = self.lalm.tokenizer.decode(seqs[0][:n])
+        return lead if self.ids(prefill + lead) == self.ids(prefill) + seqs[0][:n] else ""
+
+    def label_token(self, prefill: str, label: str, lead: str = "") -> int:
+        """The first token of `label` as the model would start it after `prefill`, past the
+        labels' shared `lead` (the text `shared_lead` gave for that prefill)."""
+        return self.continuation(prefill, label)[len(self.ids(prefill + lead)) - len(self.ids(prefill))]
 
     def label_ids(self, probe: Probe, labels: Sequence[str] | None = None) -> list[int]:
         """First tokens of the attribute's labels (or of `labels`), in order (may repeat)."""
-        return [self.label_token(probe.prefill, lab) for lab in labels or self.labels[probe.attribute]]
+        labels = labels or self.labels[probe.attribute]
+        return [self.label_token(probe.stem, lab, probe.lead) for lab in labels]
 
     def right(self, probe: Probe, label: str | None = None) -> int:
         """Index of `label` (default: the clip's label) among the attribute's labels."""

@@ -69,6 +69,24 @@ def test_label_tokens_in_context_and_bare(shipped_lalm, prober):
     assert bare.label_token(prefill, "happy") == prober.label_token("", "happy") != in_context
 
 
+def test_labels_that_share_their_first_token_are_read_past_it(shipped_lalm, prober):
+    """The tiny tokenizer knows the language names only bare: after "is" each one is a lone space
+    token and the name, so the reply is prefilled through the space and the names read after it
+    (each its own token); emotions differ at their first token and are read there."""
+    tok = shipped_lalm.tokenizer
+    stem = "The speech's spoken language is"
+    languages = ["English", "German", "Korean"]
+    assert len({prober.continuation(stem, lab)[0] for lab in languages}) == 1  # all the same token
+    restricted = Prober(shipped_lalm, PROBES["phrasings"], {"language": languages})
+    lead = restricted.shared_lead(stem, "language")
+    assert lead.strip() == "" and lead != ""
+    ids = [restricted.label_token(stem, lab, lead) for lab in languages]
+    assert [tok.decode([i]).strip() for i in ids] == languages
+    assert prober.shared_lead("The speaker's emotion is", "emotion") == ""
+    bare = Prober(shipped_lalm, PROBES["phrasings"], {"language": languages}, label_tokens="bare")
+    assert bare.shared_lead(stem, "language") == ""  # the reference's reading, unchanged
+
+
 def test_probes_encode_their_prefilled_reply_and_read_their_positions(shipped_lalm, prober, samples):
     s = samples[0]
     sake = prober.probe(s, "sake")
