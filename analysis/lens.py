@@ -250,7 +250,8 @@ def edit_shift(prober: Prober, editor, samples: Sequence[Sample], variants: Sequ
             finally:
                 handle.undo()
             for probe, b, a in zip(probes, before, after, strict=True):
-                tokens = dict(zip(("target", "original"), prober.label_ids(probe, [inst.target, inst.original])))
+                target, original = prober.label_ids(probe, [inst.target, inst.original])
+                tokens = {"target": target, "original": original}
                 for layer in range(b.shape[0]):
                     rows.append(
                         {
