@@ -112,7 +112,7 @@ class EditInstance:
         yield from self.portability
 
 
-class _Reader:
+class FieldReader:
     """Field access on one raw record, raising SchemaError with the field's full path."""
 
     def __init__(self, source: str, index: int | None) -> None:
@@ -154,7 +154,7 @@ def parse_instance(
     raw: Any, source: str, index: int, attribute: str | None = None, with_portability: bool | None = None
 ) -> EditInstance:
     """Validate one raw SAKE record. `attribute` comes from the file name or the record's `track`."""
-    r = _Reader(source, index)
+    r = FieldReader(source, index)
     if not isinstance(raw, Mapping):
         raise r.error("<record>", f"expected an object, got {type(raw).__name__}")
     track = r.get(raw, "track", "track", optional=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,25 @@ _SYNCHRONOUS = 2  # AUDIO_OUTPUT_SYNCHRONOUS: synthesis returns when the callbac
 _CHARS_UTF8 = 1
 _POS_CHARACTER = 1
 _RATE, _VOLUME, _PITCH, _RANGE = 1, 2, 3, 4  # espeak_PARAMETER
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_EVENT_END_OF_LIST, _EVENT_WORD, _EVENT_END = 0, 1, 5  # espeak_EVENT_TYPE
+
+
+class _Event(ctypes.Structure):  # espeak_EVENT (speak_lib.h)
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),  # 1-based character offset (espeakCHARS_UTF8)
+        ("length", ctypes.c_int),  # characters
+        ("audio_position", ctypes.c_int),  # ms within the utterance
+        ("sample", ctypes.c_int),  # samples within the utterance, at the engine's rate
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),
+    ]
+
+
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
+)
 
 MALE_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7")
 FEMALE_VARIANTS = ("f1", "f2", "f3", "f4", "f5")
@@ -61,12 +80,19 @@ class Espeak:
         if self.rate <= 0:
             raise RuntimeError(f"espeak-ng failed to initialise with data at {data.decode()}")
         self._chunks: list[np.ndarray] = []
+        self._events: list[tuple[int, int, int]] = []  # (type, text position, sample)
         self._callback = _CALLBACK(self._collect)  # kept alive as long as the engine
         self._lib.espeak_SetSynthCallback(self._callback)
 
-    def _collect(self, wav, n, _events) -> int:
+    def _collect(self, wav, n, events) -> int:
         if n > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        i = 0
+        while events[i].type != _EVENT_END_OF_LIST:
+            e = events[i]
+            if e.type in (_EVENT_WORD, _EVENT_END):
+                self._events.append((e.type, e.text_position, e.sample))
+            i += 1
         return 0
 
     def say(self, text: str, voice: Voice, rate: int = 16000) -> np.ndarray:
@@ -80,7 +106,7 @@ class Espeak:
             (_RANGE, voice.range),
         ):
             self._lib.espeak_SetParameter(param, int(value), 0)
-        self._chunks = []
+        self._chunks, self._events = [], []
         raw = text.encode("utf-8")
         self._lib.espeak_Synth(raw, len(raw) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         self._lib.espeak_Synchronize()
@@ -88,6 +114,30 @@ class Espeak:
             raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {voice.name}")
         wave = np.concatenate(self._chunks).astype(np.float32) / 32768.0
         return soxr.resample(wave, self.rate, rate).astype(np.float32)
+
+    def say_words(
+        self, text: str, voice: Voice, rate: int = 16000
+    ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+        """`say`, and each whitespace-separated word of `text` with its (start, end) in seconds
+        from espeak-ng's word events: a word starts at its first event and ends where the next
+        word starts (the last one at the end of the utterance), so pauses go to the word before."""
+        wave = self.say(text, voice, rate)
+        tokens = [(m.start(), m.group()) for m in re.finditer(r"\S+", text)]
+        starts: dict[int, int] = {}  # token index -> its first event's sample
+        end = len(wave) * self.rate / rate
+        for kind, position, sample in self._events:
+            if kind == _EVENT_END:
+                end = sample
+                continue
+            # character offsets count code points from 1
+            at = max((k for k, (c, _) in enumerate(tokens) if c <= position - 1), default=0)
+            starts.setdefault(at, sample)
+        missing = [tokens[k][1] for k in range(len(tokens)) if k not in starts]
+        if missing:
+            raise RuntimeError(f"espeak-ng gave no word event for {missing} in {text!r}")
+        bounds = [starts[k] for k in range(len(tokens))] + [max(end, starts[len(tokens) - 1])]
+        words = [(w, bounds[k] / self.rate, bounds[k + 1] / self.rate) for k, (_, w) in enumerate(tokens)]
+        return wave, words
 
     def isolated(self, seed: int, work: Callable[[Espeak], None], what: str) -> None:
         """Run `work(self)` in a forked child with rand() seeded; raise if the child fails."""
