@@ -3,9 +3,12 @@
 For an audio question the model answers right (greedy decoding gives the label):
 1. clean run: every traced module's output is recorded;
 2. corrupted run: Gaussian noise, `noise` times the standard deviation of the clean values, is
-   added to the audio representation at an early point (`corrupt_at`): the input of the first
-   audio-encoder layer (after the convolutions and positions: every frame), or the connector's
-   output (the audio rows the LLM reads);
+   added to the audio representation at an early point (`corrupt_at`): the output of the audio
+   encoder's convolutional stem (`audio_conv`: Whisper's conv2, before its GELU), the input of
+   the first audio-encoder layer (`audio_input`: after the convolutions and positions), or the
+   connector's output (`connector`: the audio rows the LLM reads). Every frame, or with a `span`
+   (start, end in seconds of the clip: a spoken subject) only the frames that overlap it, the
+   noise then scaled by the clean span's standard deviation;
 3. restored runs: corrupted, but the clean output of one window of `window` consecutive layers
    (centred on a layer) is written back at one position. Traced per layer are the block output
    (`residual`), the MLP output (`mlp`; fc2 in Whisper-style audio layers) and the attention
@@ -20,6 +23,12 @@ the audio (`prefix`), the audio rows in `bins` equal parts (`audio1`..), the que
 the audio (`question`) and the last token (`last`); audio-encoder frames in `bins` equal parts
 of the clip's valid frames (`frames1`..). `position_stride` traces every n-th position inside a
 group (always the last token) to bound the cost on real models.
+
+With `words` (group name -> (start, end) in seconds, e.g. the first and last subject word and
+the prompt's last word), the groups are those words instead: in each tower the positions that
+overlap a word are restored together, in one run per (window, word); the LLM's last token is a
+group of its own. Encoder frame k spans [k, k+1) x feature hop x the stem's stride (Whisper:
+20 ms); the LLM's audio rows divide the clip's duration evenly.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +50,12 @@ from analysis.tables import write_csv
 from common.progress import progress_bar
 from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
+from lalms.edit_sites import audio_stem
 from lalms.hooks import Hook, hooked_all
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("residual", "mlp", "attn")
+CORRUPT_AT = ("audio_conv", "audio_input", "connector")
 
 
 @dataclass(frozen=True)
@@ -110,10 +122,10 @@ class CausalTracer:
         min_drop: float,
         seed: int,
     ) -> None:  # the values: configs/analysis/trace.yaml (window, position_stride: tuning/)
-        if corrupt_at not in ("audio_input", "connector"):
-            raise ValueError(f"corrupt_at must be 'audio_input' or 'connector', got {corrupt_at!r}")
-        if lalm.edit_sites.audio_layers is None and corrupt_at == "audio_input":
-            raise ValueError("corrupt_at=audio_input needs audio-encoder layers; this model has none found")
+        if corrupt_at not in CORRUPT_AT:
+            raise ValueError(f"corrupt_at must be one of {', '.join(CORRUPT_AT)}, got {corrupt_at!r}")
+        if lalm.edit_sites.audio_layers is None and corrupt_at != "connector":
+            raise ValueError(f"corrupt_at={corrupt_at} needs audio-encoder layers; this model has none found")
         self.lalm, self.corrupt_at, self.noise, self.window = lalm, corrupt_at, noise, window
         self.bins, self.stride, self.batch_size, self.seed = bins, position_stride, batch_size, seed
         self.min_drop = min_drop
@@ -121,6 +133,14 @@ class CausalTracer:
         if corrupt_at == "connector":  # noise after the encoder: its layers cannot restore it
             self.sites = [s for s in self.sites if s.tower == "llm"]
         self.modules = {s.path: lalm.model.get_submodule(s.path) for s in self.sites}
+        if lalm.edit_sites.audio_layers is not None:
+            self.stem, stride = audio_stem(lalm.model, lalm.edit_sites)
+            self.frame_seconds = stride * lalm.feature_hop_seconds  # one encoder frame
+
+    def span_frames(self, span: tuple[float, float], frames: int) -> range:
+        """The encoder frames (of `frames`) that overlap `span` (seconds): at least one."""
+        first = min(frames - 1, int(span[0] / self.frame_seconds))
+        return range(first, max(first + 1, min(frames, math.ceil(span[1] / self.frame_seconds))))
 
     # ------------------------------------------------------------------ runs
     def _corruption(self, noise: torch.Tensor | None, record: dict) -> Hook:
@@ -135,6 +155,8 @@ class CausalTracer:
         if self.corrupt_at == "connector":
             module = self.lalm.model.get_submodule(self.lalm.edit_sites.connector)
             return Hook(module, lambda m, a, out: with_hidden(out, add(hidden(out))))
+        if self.corrupt_at == "audio_conv":
+            return Hook(self.lalm.model.get_submodule(self.stem), lambda m, a, out: add(out))
         module = self.lalm.model.get_submodule(f"{self.lalm.edit_sites.audio_layers}.0")
 
         def pre(m, args, kwargs):
@@ -145,8 +167,10 @@ class CausalTracer:
 
         return Hook(module, pre, pre=True, with_kwargs=True)
 
-    def _run(self, batch, corrupt: torch.Tensor | None, restore: Sequence[tuple[set[str], int]] = ()):
-        """p(answer) rows of one forward; `restore[b]` = (module paths, position) for row b."""
+    def _run(
+        self, batch, corrupt: torch.Tensor | None, restore: Sequence[tuple[set[str], Sequence[int]]] = ()
+    ):
+        """p(answer) rows of one forward; `restore[b]` = (module paths, positions) for row b."""
         clean_out: dict = {}
         record: dict = {}
         hooks = [self._corruption(corrupt, record)]
@@ -154,7 +178,7 @@ class CausalTracer:
             if corrupt is None:  # the clean run records every traced output
                 hooks.append(Hook(module, self._recorder(path, clean_out)))
                 continue
-            rows = [(b, pos) for b, (paths, pos) in enumerate(restore) if path in paths]
+            rows = [(b, p) for b, (paths, pos) in enumerate(restore) if path in paths for p in pos]
             if rows:
                 hooks.append(Hook(module, self._restorer(path, rows)))
         with hooked_all(hooks), torch.no_grad():
@@ -180,8 +204,18 @@ class CausalTracer:
         return hook
 
     # ------------------------------------------------------------------ one sample
-    def positions(self, batch, clean: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, str]]]:
-        """tower -> [(position, group)] traced in that tower."""
+    def positions(
+        self,
+        batch,
+        clean: dict[str, torch.Tensor],
+        words: Mapping[str, tuple[float, float]] | None = None,
+        seconds: float = 0.0,
+    ) -> dict[str, list[tuple[list[int], str]]]:
+        """tower -> [(positions restored together, group)] traced in that tower: one position at
+        a time in groups of equal parts, or with `words` each word's positions together
+        (`seconds`: the clip's duration)."""
+        if words is not None:
+            return self.word_positions(batch, clean, words, seconds)
         ids = batch["input_ids"][0]
         real = int(batch["attention_mask"][0].sum())
         start = len(ids) - real  # left padding
@@ -195,14 +229,35 @@ class CausalTracer:
         else:
             llm += [(p, "question") for p in range(start, len(ids) - 1)]
         llm = self._strided(llm) + [(len(ids) - 1, "last")]
-        out = {"llm": llm}
+        out = {"llm": [([p], g) for p, g in llm]}
         audio_sites = [s for s in self.sites if s.tower == "audio"]
         if audio_sites:
             frames = clean[audio_sites[0].path].shape[1]
             valid = self._valid_frames(batch, frames)
-            out["audio"] = self._strided(
-                list(zip(range(valid), bins(valid, self.bins, "frames"), strict=True))
-            )
+            places = self._strided(list(zip(range(valid), bins(valid, self.bins, "frames"), strict=True)))
+            out["audio"] = [([p], g) for p, g in places]
+        return out
+
+    def word_positions(
+        self, batch, clean: dict[str, torch.Tensor], words: Mapping[str, tuple[float, float]], seconds: float
+    ) -> dict[str, list[tuple[list[int], str]]]:
+        ids = batch["input_ids"][0]
+        audio = (ids == self.lalm.audio_token_id).nonzero().flatten().tolist()
+        if not audio or seconds <= 0:
+            raise ValueError("tracing by word needs a prompt with one clip of known duration")
+        if "last" in words:
+            raise ValueError("'last' is the predicting token's group; name the word otherwise (last_word)")
+        per_row = seconds / len(audio)
+        llm = []
+        for group, (start, end) in words.items():
+            first = min(len(audio) - 1, int(start / per_row))
+            last = max(first + 1, min(len(audio), math.ceil(end / per_row)))
+            llm.append((audio[first:last], group))
+        out = {"llm": [*llm, ([len(ids) - 1], "last")]}
+        audio_sites = [s for s in self.sites if s.tower == "audio"]
+        if audio_sites:
+            frames = clean[audio_sites[0].path].shape[1]
+            out["audio"] = [(list(self.span_frames(w, frames)), g) for g, w in words.items()]
         return out
 
     def _strided(self, positions: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -223,10 +278,36 @@ class CausalTracer:
                 return max(1, min(frames, -(-int(value[0].sum()) * frames // total)))
         return frames
 
-    def trace(self, prompt: Prompt, answer: str) -> SampleTrace | None:
+    def noise_for(self, clean: torch.Tensor, span: tuple[float, float] | None) -> torch.Tensor:
+        """The corruption's noise for the clean representation `clean` (every frame, or those of
+        `span` only, scaled by their clean standard deviation)."""
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(clean.shape, generator=g)
+        if span is None:
+            return (self.noise * clean.float().std() * noise).to(clean.device)
+        if self.corrupt_at == "connector":
+            raise ValueError("a corruption span needs encoder frames: corrupt_at=audio_conv or audio_input")
+        time_axis = -1 if self.corrupt_at == "audio_conv" else 1  # conv: [batch, channels, frames]
+        frames = self.span_frames(span, clean.shape[time_axis])
+        index = torch.tensor(list(frames), device=clean.device)
+        mask = torch.zeros(clean.shape[time_axis], dtype=torch.bool)
+        mask[list(frames)] = True
+        shape = [1] * clean.dim()
+        shape[time_axis] = -1
+        scale = self.noise * clean.index_select(time_axis, index).float().std().cpu()
+        return (scale * noise * mask.view(shape)).to(clean.device)
+
+    def trace(
+        self,
+        prompt: Prompt,
+        answer: str,
+        span: tuple[float, float] | None = None,
+        words: Mapping[str, tuple[float, float]] | None = None,
+    ) -> SampleTrace | None:
         """Trace one sample; None when the model does not answer it right. A sample whose
         answer the noise hardly moves (p drops by less than `min_drop`) is returned without
-        restored runs: there is no effect to locate."""
+        restored runs: there is no effect to locate. `span`: corrupt only the frames of that
+        time range of the clip (seconds); `words`: group positions by these words (see above)."""
         lalm = self.lalm
         with_answer = lalm.to_device(lalm.encode([prompt], [answer]))
         with torch.no_grad():
@@ -235,17 +316,16 @@ class CausalTracer:
         first_answer = with_answer["labels"][0][with_answer["labels"][0] != IGNORE_INDEX][0]
         batch = lalm.to_device(lalm.encode([prompt]))
         probs, self._clean, record = self._run(batch, None)
-        clean_repr = record["clean"]
-        g = torch.Generator().manual_seed(self.seed)
-        noise = self.noise * clean_repr.float().std() * torch.randn(clean_repr.shape, generator=g)
-        noise = noise.to(clean_repr.device)
+        noise = self.noise_for(record["clean"], span)
         p_corrupt = float(self._run(batch, noise)[0][0, first_answer])
         result = SampleTrace(float(probs[0, first_answer]), p_corrupt)
         if result.p_clean - p_corrupt < self.min_drop:
             return result
 
         jobs: list[tuple[TracedSite, set[str], int, str]] = []
-        positions = self.positions(batch, self._clean)
+        rate = prompt.sampling_rate or lalm.sampling_rate
+        seconds = len(prompt.audio) / rate if prompt.audio is not None else 0.0
+        positions = self.positions(batch, self._clean, words, seconds)
         for tower, places in positions.items():
             count = max(s.layer for s in self.sites if s.tower == tower) + 1
             spans = windows(count, self.window)

@@ -35,7 +35,7 @@ from typing import Any
 from datamodules.audio_io import AudioError, load_audio
 from datamodules.schema import FieldReader, SchemaError, norm_label
 
-ANCHORS = ("first_subject", "last_subject", "last")  # the word positions tracing groups by
+ANCHORS = ("first_subject", "last_subject", "last_word")  # the word positions tracing groups by
 AUDIO_SLACK_S = 0.05  # how far past the audio's end a word may end (aligners round)
 
 
@@ -67,7 +67,7 @@ class SpokenPrompt:
 
     def anchor(self, name: str) -> Word:
         """The word at an anchor of ANCHORS."""
-        index = {"first_subject": self.subject[0], "last_subject": self.subject[1], "last": -1}
+        index = {"first_subject": self.subject[0], "last_subject": self.subject[1], "last_word": -1}
         if name not in index:
             raise ValueError(f"unknown anchor {name!r} (one of {', '.join(ANCHORS)})")
         return self.words[index[name]]

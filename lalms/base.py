@@ -105,6 +105,12 @@ class LALM(abc.ABC):
     def sampling_rate(self) -> int:
         """The audio rate the model's features are computed at."""
 
+    @property
+    def feature_hop_seconds(self) -> float:
+        """Seconds between two frames of the audio features the encoder reads (Whisper's: 10 ms)."""
+        fe = self.feature_extractor
+        return fe.hop_length / fe.sampling_rate
+
     @abc.abstractmethod
     def render(self, prompt: Prompt) -> str:
         """The prompt text up to the start of the assistant's answer, one `audio_token` per clip."""

@@ -142,3 +142,19 @@ class EditSites:
         if projection not in MLP_PROJECTIONS:
             raise KeyError(f"MLP projection must be one of {MLP_PROJECTIONS}, got {projection!r}")
         return self.resolve(f"llm.layers.{layer}.mlp.{projection}")
+
+
+def audio_stem(model: nn.Module, sites: EditSites) -> tuple[str, int]:
+    """The module path of the audio encoder's last convolution before its layers (Whisper's
+    conv2) and the product of the convolutions' strides: each of its output frames spans that
+    many feature frames. Found in the module that holds the audio layers."""
+    if sites.audio_layers is None:
+        raise ValueError(f"{type(model).__name__}: no audio-encoder layers found, so no convolutional stem")
+    encoder = sites.audio_layers.rsplit(".", 1)[0] if "." in sites.audio_layers else ""
+    convs = [(n, m) for n, m in model.get_submodule(encoder).named_children() if isinstance(m, nn.Conv1d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__}: the audio encoder {encoder!r} has no Conv1d stem")
+    stride = 1
+    for _, conv in convs:
+        stride *= int(conv.stride[0])
+    return f"{encoder}.{convs[-1][0]}" if encoder else convs[-1][0], stride

@@ -106,8 +106,12 @@ class ProcessorLALM(LALM):
         return out
 
     @property
+    def feature_extractor(self):
+        return self.processor.feature_extractor
+
+    @property
     def sampling_rate(self) -> int:
-        return int(self.processor.feature_extractor.sampling_rate)
+        return int(self.feature_extractor.sampling_rate)
 
     # ----------------------------------------------------------------- prompts
     def messages(self, prompt: Prompt) -> list[dict]:

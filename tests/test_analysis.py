@@ -1,6 +1,7 @@
 """Causal tracing on the shipped tiny LALM (analysis/, analyze.py, trace.py)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,3 +93,64 @@ def test_trace_writes_its_tables_and_plots(mini_dir, tmp_path):
     assert all(
         (tmp_path / "trace" / f).is_file() for f in ("trace.csv", "trace_per_layer.csv", "trace_llm.png")
     )
+
+
+def test_a_subject_span_corruption_touches_exactly_the_spans_frames(lalm):
+    """audio_conv noise lands on the encoder stem's output frames that overlap the span, nowhere
+    else, scaled by the clean span's spread; in every family's tiny model."""
+    import numpy as np
+    import torch
+
+    from common.prompt import Prompt
+    from lalms.hooks import Hook, hooked_all
+
+    tracer = CausalTracer(lalm, **tracer_settings(corrupt_at="audio_conv", noise=3.0))
+    assert tracer.frame_seconds == pytest.approx(0.02)  # Whisper: 10 ms hop, conv2 stride 2
+    rng = np.random.default_rng(0)
+    prompt = Prompt("Complete the sentence.", (0.1 * rng.standard_normal(24000)).astype(np.float32),
+                    sampling_rate=16000)  # fmt: skip
+    batch = lalm.to_device(lalm.encode([prompt]))
+    outs = []
+    stem = lalm.model.get_submodule(tracer.stem)
+    with hooked_all([Hook(stem, lambda m, a, out: outs.append(out.detach()))]), torch.no_grad():
+        lalm.logits(batch)
+    (clean,) = outs
+    span = (0.31, 0.58)  # frames 15 .. 28 of 20 ms
+    assert list(tracer.span_frames(span, clean.shape[-1])) == list(range(15, 29))
+    noise = tracer.noise_for(clean, span)
+    touched = (noise != 0).any(dim=1)[0].nonzero().flatten().tolist()
+    assert touched == list(range(15, 29))
+    spread = noise[..., 15:29].std() / clean[..., 15:29].float().std()
+    assert spread == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(ValueError, match="needs encoder frames"):
+        CausalTracer(lalm, **tracer_settings(corrupt_at="connector")).noise_for(clean, span)
+
+
+def test_tracing_by_word_restores_each_words_positions_together(shipped_lalm, samples):
+    """With words, the LLM's audio rows and the encoder frames of each word are one group; the
+    last token's restoration at the last layer undoes any corruption, as without words."""
+    import torch
+
+    tracer = CausalTracer(shipped_lalm, **tracer_settings(corrupt_at="audio_conv", noise=10.0, min_drop=0.05))
+    for s in samples:
+        seconds = len(s.prompt.audio) / (s.prompt.sampling_rate or shipped_lalm.sampling_rate)
+        words = {"first_subject": (0.0, 0.4 * seconds), "last_word": (0.8 * seconds, seconds)}
+        t = tracer.trace(s.prompt, s.truth, span=(0.0, 0.4 * seconds), words=words)
+        if t is not None and t.effects:
+            break
+    else:
+        pytest.skip("the noise moved none of the samples")
+    groups = {(k[0], k[3]) for k in t.effects}
+    assert groups == {(tw, g) for tw in ("audio", "llm") for g in words} | {("llm", "last")}
+    last = shipped_lalm.edit_sites.num_llm_layers - 1
+    assert len(t.effects[("llm", "residual", last, "last")]) == 1  # one run per (window, group)
+    (ie,) = t.effects[("llm", "residual", last, "last")]
+    assert ie == pytest.approx(t.p_clean - t.p_corrupted, abs=1e-4)
+    batch = shipped_lalm.encode([s.prompt])
+    rows = (batch["input_ids"][0] == shipped_lalm.audio_token_id).nonzero().flatten().tolist()
+    frames = {site.path: torch.zeros(1, 200, 1) for site in tracer.sites if site.tower == "audio"}
+    placed = tracer.word_positions(batch, frames, words, seconds)
+    assert placed["audio"][0] == (list(range(math.ceil(0.4 * seconds / 0.02))), "first_subject")
+    placed = placed["llm"]
+    assert placed[0] == (rows[: math.ceil(0.4 * len(rows))], "first_subject")
+    assert placed[1][0][-1] == rows[-1] and placed[-1] == ([len(batch["input_ids"][0]) - 1], "last")

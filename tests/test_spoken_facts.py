@@ -52,7 +52,7 @@ def test_a_record_parses_with_its_anchors_and_subject_span():
     assert fact.editable and fact.line == 3
     assert fact.prompt.anchor("first_subject").text == "Veltran"
     assert fact.prompt.anchor("last_subject").text == "Osk's"
-    assert fact.prompt.anchor("last").text == "is"
+    assert fact.prompt.anchor("last_word").text == "is"
     assert fact.prompt.subject_span == (0.0, 0.6)
     assert fact.paraphrases[0].subject == (4, 5)
     assert [p.text for p in fact.prompts()][-1] == "Mira Tes's native language is"
