@@ -45,10 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.samples import reliability_samples
+from analysis.samples import FactSample, fact_samples, reliability_samples
 from analysis.tables import write_csv
 from common.progress import progress_bar
 from common.prompt import Prompt
+from datamodules.spoken_facts import ANCHORS, SpokenFactsData
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
 from lalms.edit_sites import audio_stem
 from lalms.hooks import Hook, hooked_all
@@ -121,6 +122,7 @@ class CausalTracer:
         batch_size: int,
         min_drop: float,
         seed: int,
+        known_only: bool = True,
     ) -> None:  # the values: configs/analysis/trace.yaml (window, position_stride: tuning/)
         if corrupt_at not in CORRUPT_AT:
             raise ValueError(f"corrupt_at must be one of {', '.join(CORRUPT_AT)}, got {corrupt_at!r}")
@@ -128,7 +130,7 @@ class CausalTracer:
             raise ValueError(f"corrupt_at={corrupt_at} needs audio-encoder layers; this model has none found")
         self.lalm, self.corrupt_at, self.noise, self.window = lalm, corrupt_at, noise, window
         self.bins, self.stride, self.batch_size, self.seed = bins, position_stride, batch_size, seed
-        self.min_drop = min_drop
+        self.min_drop, self.known_only = min_drop, known_only
         self.sites = traced_sites(lalm)
         if corrupt_at == "connector":  # noise after the encoder: its layers cannot restore it
             self.sites = [s for s in self.sites if s.tower == "llm"]
@@ -311,8 +313,9 @@ class CausalTracer:
         lalm = self.lalm
         with_answer = lalm.to_device(lalm.encode([prompt], [answer]))
         with torch.no_grad():
-            if not bool(greedy_hits(lalm.logits(with_answer), with_answer["labels"])[0]):
-                return None
+            known = bool(greedy_hits(lalm.logits(with_answer), with_answer["labels"])[0])
+        if self.known_only and not known:
+            return None
         first_answer = with_answer["labels"][0][with_answer["labels"][0] != IGNORE_INDEX][0]
         batch = lalm.to_device(lalm.encode([prompt]))
         probs, self._clean, record = self._run(batch, None)
@@ -397,8 +400,8 @@ def summarise(traces: Iterable[SampleTrace | None]) -> TraceSummary:
 
 
 def group_order(groups: Iterable[str]) -> list[str]:
-    """prefix, audio1.., frames1.., question, last."""
-    rank = {"prefix": 0, "question": 3, "last": 4}
+    """prefix, audio1.., frames1.., question, the anchor words (spoken facts), last."""
+    rank = {"prefix": 0, "question": 3, "last": 4, **{a: 3 + (i + 1) / 10 for i, a in enumerate(ANCHORS)}}
     return sorted(set(groups), key=lambda g: (rank.get(g, 1 if g.startswith("audio") else 2), len(g), g))
 
 
@@ -440,13 +443,19 @@ def heatmaps(summary: TraceSummary, out_dir: Path) -> list[Path]:
 
 
 def run(lalm: LALM, data, out_dir: Path, *, samples: int, **settings) -> TraceSummary:
-    """Trace the first `samples` test instances of each attribute; write CSVs, heatmaps, summary."""
+    """Trace the first `samples` test instances of each attribute (spoken facts: of each relation,
+    the noise over the subject's frames, positions grouped by the anchor words); write CSVs,
+    heatmaps, summary."""
     tracer = CausalTracer(lalm, **settings)
-    items = reliability_samples(data.eval_instances(), data.audio_root, lalm.sampling_rate, samples)
+    if isinstance(data, SpokenFactsData):
+        items = fact_samples(data, lalm.sampling_rate, samples)
+    else:
+        items = reliability_samples(data.eval_instances(), data.audio_root, lalm.sampling_rate, samples)
     traces = []
     with progress_bar("causal tracing", len(items), unit="samples") as advance:
         for item in items:
-            traces.append(tracer.trace(item.prompt, item.truth))
+            where = {"span": item.span, "words": item.words} if isinstance(item, FactSample) else {}
+            traces.append(tracer.trace(item.prompt, item.truth, **where))
             advance(1)
     summary = summarise(traces)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -280,6 +280,49 @@ def check(
     return 1 if problems else 0
 
 
+class SpokenFactsData:
+    """Spoken facts as the entry points read them (configs/data/spoken_facts.yaml): the splits'
+    manifests `<root>/<split>.jsonl`, their audio under `audio_root` (default: root), and the
+    text instruction the model hears each prompt with. `build_mini`: build the offline world at
+    `root` on first use (datamodules/mini/facts.py)."""
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        instruction: str,
+        *,
+        audio_root: str | None = None,
+        build_mini: bool = False,
+        mini_seed: int = 0,
+        sampling_rate: int = 16000,
+        max_facts: int | None = None,
+        trace_corruption: str = "audio_conv",  # read by configs/analysis/trace.yaml
+    ) -> None:
+        self.root, self.name, self.instruction = Path(root), name, instruction
+        self.audio_root = Path(audio_root) if audio_root else self.root
+        self.build_mini, self.mini_seed = build_mini, mini_seed
+        self.sampling_rate, self.max_facts = sampling_rate, max_facts
+        self.trace_corruption = trace_corruption
+
+    def prepare_data(self) -> None:
+        if self.build_mini:
+            from datamodules.mini.facts import ensure_facts
+
+            ensure_facts(self.root, self.mini_seed)
+
+    def facts(self, split: str = "test") -> list[SpokenFact]:
+        facts = load_manifest(self.root / f"{split}.jsonl")
+        return facts[: self.max_facts] if self.max_facts is not None else facts
+
+    def prompt(self, spoken: SpokenPrompt, rate: int | None = None):
+        """The model's prompt for a spoken prompt: the instruction with the clip."""
+        from common.prompt import Prompt
+
+        rate = rate or self.sampling_rate
+        return Prompt(self.instruction, load_audio(self.audio_root / spoken.audio, rate), sampling_rate=rate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datamodules.spoken_facts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

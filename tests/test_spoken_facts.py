@@ -5,6 +5,7 @@ times, the deterministic offline world, and ES/PS/NS/Score on hand-made logits."
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import subprocess
@@ -190,3 +191,22 @@ def test_es_ps_ns_and_the_harmonic_score():
     assert fact_metrics(readings[:2])["Score"] is None and harmonic_mean([0.0, 50.0]) == 0.0
     with pytest.raises(ValueError, match="unknown prompt kind"):
         Reading("a", "other", 0.0, 0.0)
+
+
+def test_trace_py_on_spoken_facts_corrupts_the_subject_and_groups_by_word(world, tmp_path):
+    """`python trace.py data=spoken_facts` end to end (the tiny model does not know the invented
+    facts yet, so every fact is traced: known_only=false)."""
+    a, _ = world
+    out = tmp_path / "trace"
+    cmd = [sys.executable, "trace.py", "data=spoken_facts", f"data.root={a}", "data.build_mini=false",
+           "analysis.run.samples=1", "analysis.run.known_only=false", "analysis.run.min_drop=0",
+           f"hydra.run.dir={out}"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads((out / "trace.json").read_text())
+    assert info["samples"] + info["skipped_robust"] == 3 and info["skipped_wrong"] == 0
+    assert info["samples"] >= 1 and info["settings"]["corrupt_at"] == "audio_conv"
+    groups = {(r["tower"], r["group"]) for r in csv.DictReader(open(out / "trace.csv"))}
+    anchors = {"first_subject", "last_subject", "last_word"}
+    assert groups == {(t, g) for t in ("audio", "llm") for g in anchors} | {("llm", "last")}
+    assert (out / "trace_audio.png").is_file() and (out / "trace_llm.png").is_file()
