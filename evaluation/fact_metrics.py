@@ -25,28 +25,27 @@ from dataclasses import dataclass
 
 import torch
 
+from lalms.base import IGNORE_INDEX, answer_nll
+
 KINDS = ("prompt", "paraphrase", "neighbour")
 METRICS = {"prompt": "ES", "paraphrase": "PS", "neighbour": "NS"}
 
 
-def completion_logprob(
-    logits: torch.Tensor, completion: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean log-probability of each row's completion tokens.
-
-    logits: [batch, n, vocab], the model's logits at the n positions that predict the
-    completion's n tokens (the last prompt position and the completion's own but last);
-    completion: [batch, n] token ids; mask: [batch, n], 1 where a row's completion has a token
-    (rows of completions of different lengths, padded). Returns [batch].
-    """
-    if logits.shape[:2] != completion.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not predict completions {tuple(completion.shape)}")
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-    mask = torch.ones_like(lp) if mask is None else mask.to(lp.dtype)
-    counts = mask.sum(-1)
-    if (counts == 0).any():
-        raise ValueError("a completion without tokens")
-    return (lp * mask).sum(-1) / counts
+def object_scores(logits: torch.Tensor, labels: torch.Tensor, suffix: int) -> torch.Tensor:
+    """Each row's score of its labelled completion without the last `suffix` labelled tokens (the
+    chat template's turn end, which `LALM.encode` labels after every answer): the mean
+    log-probability of the object's own tokens. logits: [batch, length, vocab]; labels:
+    [batch, length], IGNORE_INDEX outside the answer. Returns [batch]."""
+    labels = labels.clone()
+    for row in labels:
+        where = (row != IGNORE_INDEX).nonzero().flatten()
+        if len(where) <= suffix:
+            raise ValueError(
+                f"a completion without tokens of its own (labelled {len(where)}, suffix {suffix})"
+            )
+        if suffix:
+            row[where[-suffix:]] = IGNORE_INDEX
+    return -answer_nll(logits, labels, reduction="none")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import torch
 from datamodules.mini.facts import FactSizes, build_facts, subject_words
 from datamodules.mini.speech import Espeak, Voice
 from datamodules.spoken_facts import FactError, check, load_manifest, parse_fact
-from evaluation.fact_metrics import Reading, completion_logprob, fact_metrics, harmonic_mean
+from evaluation.fact_metrics import Reading, fact_metrics, harmonic_mean, object_scores
+from lalms.base import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,14 +165,19 @@ def test_check_on_the_command_line_names_the_bad_record(world, tmp_path):
     assert out.returncode == 1 and "no such audio file" in out.stdout
 
 
-def test_completion_logprob_on_hand_made_logits():
-    logits = torch.full((2, 2, 4), -1e4)
-    logits[0, 0, 1] = logits[0, 1, 2] = 0.0  # row 0: certain of tokens 1 then 2
-    logits[1, 0, :] = 0.0  # row 1: uniform over 4, one token only (the second is padding)
-    lp = completion_logprob(logits, torch.tensor([[1, 2], [3, 0]]), torch.tensor([[1, 1], [1, 0]]))
-    assert torch.allclose(lp, torch.tensor([0.0, -math.log(4)]), atol=1e-5)
-    with pytest.raises(ValueError, match="do not predict"):
-        completion_logprob(logits, torch.tensor([[1]]))
+def test_object_scores_on_hand_made_logits():
+    """Row 0 labels tokens 1, 2 and the turn end 3; row 1 token 3 and the turn end 4. Logits at
+    position t predict the token at t + 1; the turn end is left out of the score."""
+    logits = torch.full((2, 4, 5), -1e4)
+    logits[0, 0, 1] = logits[0, 1, 2] = 0.0  # certain of 1 then 2
+    logits[0, 2, :] = 0.0  # the turn end: uniform (would cost log 5 if it counted)
+    logits[1, 1, :4] = 0.0  # uniform over 4 for the object's one token
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3], [IGNORE_INDEX, IGNORE_INDEX, 3, 4]])
+    scores = object_scores(logits, labels, suffix=1)
+    assert torch.allclose(scores, torch.tensor([0.0, -math.log(4)]), atol=1e-5)
+    assert object_scores(logits, labels, suffix=0)[0] == pytest.approx(-math.log(5) / 3, abs=1e-4)
+    with pytest.raises(ValueError, match="without tokens of its own"):
+        object_scores(logits, labels, suffix=2)
 
 
 def test_es_ps_ns_and_the_harmonic_score():
@@ -210,3 +216,34 @@ def test_trace_py_on_spoken_facts_corrupts_the_subject_and_groups_by_word(world,
     anchors = {"first_subject", "last_subject", "last_word"}
     assert groups == {(t, g) for t in ("audio", "llm") for g in anchors} | {("llm", "last")}
     assert (out / "trace_audio.png").is_file() and (out / "trace_llm.png").is_file()
+
+
+def test_fact_readings_batched_equal_each_answer_scored_by_hand(world, shipped_lalm):
+    """Every reading's two scores are the mean log-probabilities of the answer's own tokens, as
+    a forward on the prompt followed by those tokens gives them (no batching, no padding)."""
+    from datamodules.spoken_facts import SpokenFactsData
+    from evaluation.fact_eval import fact_readings, jobs
+
+    a, _ = world
+    data = SpokenFactsData(str(a), "spoken_facts", "Complete the sentence you hear.")
+    facts = data.facts("test")[:2]
+    readings = fact_readings(shipped_lalm, data, facts, batch_size=4)
+    todo = jobs(facts)
+    assert [(r.edit, r.kind) for r in readings] == [(f.id, k) for f, k, _, _ in todo]
+    assert [r.kind for r in readings[:3]] == ["prompt", "paraphrase", "paraphrase"]
+
+    def by_hand(spoken, answer):
+        batch = shipped_lalm.encode([data.prompt(spoken)])
+        ids = torch.tensor([shipped_lalm.tokenizer(answer, add_special_tokens=False).input_ids])
+        n = batch["input_ids"].shape[1]
+        batch["input_ids"] = torch.cat([batch["input_ids"], ids], 1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1)
+        with torch.no_grad():
+            lp = shipped_lalm.logits(batch)[0].float().log_softmax(-1)
+        return float(sum(lp[n - 1 + i, t] for i, t in enumerate(ids[0].tolist())) / ids.shape[1])
+
+    for r, (fact, _, spoken, true) in zip(readings, todo, strict=True):
+        assert r.target == pytest.approx(by_hand(spoken, fact.target), abs=1e-4)
+        assert r.true == pytest.approx(by_hand(spoken, true), abs=1e-4)
+    m = fact_metrics(readings)
+    assert m["ES_edits"] == 2 and m["NS_edits"] == sum(bool(f.neighbours) for f in facts)
