@@ -1,8 +1,10 @@
-"""Evaluate a knowledge editor on SAKE-format data (reliability, generality, locality, portability).
+"""Evaluate a knowledge editor on SAKE-format data (reliability, generality, locality, portability),
+or on spoken facts (ES, PS, NS and their harmonic mean: data=spoken_facts).
 
 python evaluate.py ckpt=checkpoints/mend-tiny-sake_mini      # a trained, exported editor
 python evaluate.py editor=<name> model=qwen                   # an editor that needs no training
 python evaluate.py editor=none                                # the unedited model's accuracy
+python evaluate.py data=spoken_facts editor=fact_rome_audio    # a spoken-facts strategy (Table 1)
 python evaluate.py mode=rescore results=FILE judge=openai     # re-judge saved responses, no model
 python evaluate.py mode=compare runs='outputs/evaluate/*'     # many runs side by side (Table 2)
 python evaluate.py dry_run=true                               # print the plan and exit
@@ -33,8 +35,9 @@ from cli.config import (  # noqa: E402
 )
 from datamodules.audio_io import AudioResolver  # noqa: E402
 from datamodules.examples import PromptMaker  # noqa: E402
+from datamodules.spoken_facts import SpokenFactsData  # noqa: E402
 from editors.checkpoint import read_info  # noqa: E402
-from evaluation import batching, compare, report, rescore, unedited  # noqa: E402
+from evaluation import batching, compare, fact_sweep, report, rescore, unedited  # noqa: E402
 from evaluation.identity import run_identity  # noqa: E402
 from evaluation.responses import ResponseCache  # noqa: E402
 from evaluation.run import SweepPlan, run_sweeps  # noqa: E402
@@ -61,6 +64,13 @@ def plan(cfg: DictConfig) -> str:
         return f"re-judge the responses in {cfg.results} with {judge}; reports under {cfg.paths.output_dir}"
     editor = cfg.ckpt or (cfg.editor.name if cfg.get("editor") else "<editor=... or ckpt=...>")
     enhanced = f", enhanced ({cfg.enhancement})" if cfg.get("enhancement") is not None else ""
+    if cfg.data.get("_target_", "").endswith("SpokenFactsData"):
+        mode = "accumulated" if cfg.accumulate else "reset after each"
+        return (
+            f"edit the spoken facts of {cfg.data.name} ({cfg.split}) with {editor} on {cfg.model.name}, "
+            f"edits {mode}, keys at the {cfg.data.anchor} word; ES/PS/NS/Score against the unedited "
+            f"baseline; facts.jsonl, metrics.json, report.md, table1.csv under {cfg.paths.output_dir}"
+        )
     return (
         f"evaluate {editor} on {cfg.model.name} ({cfg.model.path}){enhanced} over {cfg.data.name}, "
         f"judged by {judge}: "
@@ -68,6 +78,25 @@ def plan(cfg: DictConfig) -> str:
         f"gaps 0-{cfg.sequential.max_gap}); results.jsonl, metrics.json, report.md, plots under "
         f"{cfg.paths.output_dir}"
     )
+
+
+def spoken_facts(cfg: DictConfig, fabric: Fabric, lalm, data: SpokenFactsData, model: dict, out_dir: Path):
+    """data=spoken_facts: the localisation-and-editing study's sweep (evaluation/fact_sweep.py)."""
+    facts = data.facts(cfg.split)
+    base_only = bool(cfg.get("editor") and cfg.editor.get("base_only"))
+    if base_only:
+        editor, editor_identity, settings = None, {"name": "none"}, {}
+    else:
+        editor, editor_identity, settings = build_editor(cfg, lalm, data.train_pool(lalm.sampling_rate))
+    accumulate = bool(cfg.accumulate) and editor is not None
+    identity = fact_sweep.identity(
+        editor=editor_identity, model=model, data=data, split=cfg.split, facts=facts,
+        accumulate=accumulate, batch_size=cfg.batch_size,
+    )  # fmt: skip
+    sweep = fact_sweep.FactSweep(lalm, editor, data, accumulate=accumulate, batch_size=cfg.batch_size)
+    metrics = fact_sweep.run(fabric, sweep, facts, out_dir, identity, settings)
+    log.info("%s\nfull report: %s", fact_sweep.figures(metrics), out_dir / "report.md")
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -100,6 +129,8 @@ def main(cfg: DictConfig) -> None:
     model = {"name": lalm.name, "fingerprint": fingerprint, "answers": answers}
     if enhancement is not None:  # named only when set: the plain model's identity stays as it was
         model["enhancement"] = enhancement.as_dict()
+    if isinstance(data, SpokenFactsData):
+        return spoken_facts(cfg, fabric, lalm, data, model, out_dir)
     resolver = AudioResolver(data.audio_root)
     judged = {"model": model, "data": data, "judge": judge.identity(), "split": cfg.split}
     if cfg.get("editor") and cfg.editor.get("base_only"):

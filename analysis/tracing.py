@@ -36,7 +36,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from datamodules.spoken_facts import ANCHORS, SpokenFactsData
 from lalms.base import IGNORE_INDEX, LALM, greedy_hits, hidden, with_hidden
 from lalms.edit_sites import audio_stem
 from lalms.hooks import Hook, hooked_all
+from lalms.spans import frame_seconds, span_frames, span_rows
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("residual", "mlp", "attn")
@@ -136,13 +136,12 @@ class CausalTracer:
             self.sites = [s for s in self.sites if s.tower == "llm"]
         self.modules = {s.path: lalm.model.get_submodule(s.path) for s in self.sites}
         if lalm.edit_sites.audio_layers is not None:
-            self.stem, stride = audio_stem(lalm.model, lalm.edit_sites)
-            self.frame_seconds = stride * lalm.feature_hop_seconds  # one encoder frame
+            self.stem, _ = audio_stem(lalm.model, lalm.edit_sites)
+            self.frame_seconds = frame_seconds(lalm)  # one encoder frame
 
     def span_frames(self, span: tuple[float, float], frames: int) -> range:
         """The encoder frames (of `frames`) that overlap `span` (seconds): at least one."""
-        first = min(frames - 1, int(span[0] / self.frame_seconds))
-        return range(first, max(first + 1, min(frames, math.ceil(span[1] / self.frame_seconds))))
+        return span_frames(span, frames, self.frame_seconds)
 
     # ------------------------------------------------------------------ runs
     def _corruption(self, noise: torch.Tensor | None, record: dict) -> Hook:
@@ -249,12 +248,7 @@ class CausalTracer:
             raise ValueError("tracing by word needs a prompt with one clip of known duration")
         if "last" in words:
             raise ValueError("'last' is the predicting token's group; name the word otherwise (last_word)")
-        per_row = seconds / len(audio)
-        llm = []
-        for group, (start, end) in words.items():
-            first = min(len(audio) - 1, int(start / per_row))
-            last = max(first + 1, min(len(audio), math.ceil(end / per_row)))
-            llm.append((audio[first:last], group))
+        llm = [(span_rows(span, audio, seconds), group) for group, span in words.items()]
         out = {"llm": [*llm, ([len(ids) - 1], "last")]}
         audio_sites = [s for s in self.sites if s.tower == "audio"]
         if audio_sites:

@@ -4,13 +4,18 @@ From SAKE-mini's *training* clips only (pool.jsonl, split == "train") and its wo
 - attribute recognition: a clip and a reliability or paraphrase wording, options shuffled;
 - portability-style multi-hop: a clip and a knowledge question (audio -> label -> fact);
 - the general-audio tasks (locality type 4);
-- the text QA (text locality).
+- the text QA (text locality);
+- spoken facts (`fact`, with `facts` set): the spoken-facts world's training renditions
+  (datamodules/mini/facts.py: pretrain.jsonl), a fact's prompt heard with the data's instruction
+  and completed with its object, so the model knows the facts the spoken-facts study traces and
+  edits, and hears their val/test prompts in voices it never learnt them from.
 Answers are the option text, as in SAKE. Example i is a pure function of (seed, i), so any
 index can be drawn in any order and runs are reproducible.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import defaultdict
@@ -24,7 +29,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from common.prompt import Prompt
-from datamodules.audio_io import AudioResolver
+from datamodules.audio_io import AudioResolver, load_audio
 from datamodules.builder import PoolClip, load_world, read_manifest
 from datamodules.examples import PromptBatches
 from datamodules.mini.build import ensure_mini
@@ -33,7 +38,16 @@ from datamodules.schema import norm_label, with_options
 
 log = logging.getLogger(__name__)
 
-TASKS = ("attribute", "portability", "general", "text")
+TASKS = ("attribute", "portability", "general", "text", "fact")
+
+
+@dataclass(frozen=True)
+class TaughtFact:
+    """One spoken rendition of a fact's prompt, completed with its object."""
+
+    audio: str  # relative to the spoken-facts root
+    relation: str
+    object: str
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,7 @@ class PretrainExample:
     prompt: Prompt
     answer: str
     task: str  # one of TASKS
-    attribute: str | None  # for attribute and portability tasks
+    attribute: str | None  # for attribute and portability tasks; a fact's relation
 
 
 class PretrainTasks(Dataset):
@@ -63,9 +77,18 @@ class PretrainTasks(Dataset):
         attribute_mix: Mapping[str, float],
         portability_mix: Mapping[str, float],
         augment: bool,
+        facts: list[TaughtFact] = (),
+        fact_waves: Mapping[str, np.ndarray] | None = None,
+        fact_instruction: str = "",
     ) -> None:
         self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
         self.tasks, self.weights = list(mix), list(mix.values())
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"pretraining mix: unknown tasks {unknown} (known: {', '.join(TASKS)})")
+        if mix.get("fact") and not facts:
+            raise ValueError("pretraining mix has a 'fact' share but no spoken facts (data.facts)")
+        self.facts, self.fact_waves, self.fact_instruction = list(facts), fact_waves or {}, fact_instruction
         self.attrs = world["attributes"]
         self.attr_mix = {
             task: ([a for a in self.attrs if a in m], [m[a] for a in self.attrs if a in m])
@@ -83,8 +106,8 @@ class PretrainTasks(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def audio(self, clip: PoolClip, rng: random.Random) -> np.ndarray:
-        wave = self.waves[(clip.track, clip.file)]
+    def audio(self, clip: PoolClip | None, rng: random.Random, wave: np.ndarray | None = None) -> np.ndarray:
+        wave = self.waves[(clip.track, clip.file)] if wave is None else wave
         if self.augment:  # small gain and noise changes: more distinct inputs from the same clips
             wave = wave * rng.uniform(0.8, 1.2)
             noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(len(wave)).astype(np.float32)
@@ -118,6 +141,10 @@ class PretrainTasks(Dataset):
             rng.shuffle(options)
             prompt = Prompt(with_options(cat["question"], options), self.audio(clip, rng))
             return PretrainExample(prompt, answer, task, attr)
+        if task == "fact":
+            fact = rng.choice(self.facts)
+            prompt = Prompt(self.fact_instruction, self.audio(None, rng, self.fact_waves[fact.audio]))
+            return PretrainExample(prompt, fact.object, task, fact.relation)
         if task == "general":
             clip = rng.choice(self.general)
             return PretrainExample(Prompt(clip.question, self.audio(clip, rng)), clip.label, task, None)
@@ -173,21 +200,47 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         mix: Mapping[str, float],
         attribute_mix: Mapping[str, float],
         portability_mix: Mapping[str, float],
+        facts: Mapping[str, Any] | None = None,
         sampling_rate: int = 16000,
     ) -> None:
         """Every value but `sampling_rate` (the tiny LALM's) comes from the config
         (configs/experiment/pretrain_tiny.yaml: `data`); `steps` batches of `batch_size` are one
-        pass, `val_examples` are drawn from the `holdout` share of the clips."""
+        pass, `val_examples` are drawn from the `holdout` share of the clips. `facts`: the
+        spoken-facts world the `fact` task teaches ({root, mini_seed, instruction}; built on
+        first use), None for none."""
         super().__init__()
         self.mixes = {"mix": mix, "attribute_mix": attribute_mix, "portability_mix": portability_mix}
         self.root, self.mini_seed = Path(root), mini_seed
         self.batch_size, self.steps, self.val_examples = batch_size, steps, val_examples
         self.holdout, self.rate, self.seed = holdout, sampling_rate, seed
+        self.facts = dict(facts) if facts else None
         self.train_set: PretrainTasks | None = None
         self.val_set: PretrainTasks | None = None
 
     def prepare_data(self) -> None:
         ensure_mini(self.root, self.mini_seed)
+        if self.facts:
+            from datamodules.mini.facts import ensure_facts
+
+            ensure_facts(self.facts["root"], self.facts["mini_seed"])
+
+    def taught_facts(self) -> tuple[list[TaughtFact], list[TaughtFact], dict[str, np.ndarray], str]:
+        """(train, held-out) renditions of the spoken facts, their decoded clips, the instruction."""
+        if not self.facts:
+            return [], [], {}, ""
+        root = Path(self.facts["root"])
+        records = [
+            json.loads(line) for line in (root / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
+        taught = [TaughtFact(r["audio"], r["relation"], r["object"]) for r in records]
+        log.info("decoding %d spoken-fact renditions into memory", len(taught))
+        waves = {t.audio: load_audio(root / t.audio, self.rate) for t in taught}
+        order = list(range(len(taught)))
+        random.Random(self.seed).shuffle(order)
+        k = max(1, round(self.holdout * len(order)))
+        held = [taught[i] for i in sorted(order[:k])]
+        train = [taught[i] for i in sorted(order[k:])]
+        return train, held, waves, self.facts["instruction"]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -200,12 +253,16 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         train_clips, val_clips = stratified_holdout(clips, self.holdout, self.seed)
         length = self.steps * self.batch_size  # one pass: every step sees new examples
         mixes = {k: dict(v) for k, v in self.mixes.items()}
+        train_facts, val_facts, fact_waves, instruction = self.taught_facts()
+        said = {"fact_waves": fact_waves, "fact_instruction": instruction}
         self.train_set = PretrainTasks(
-            train_clips, waves, world, length=length, seed=self.seed, augment=True, **mixes
-        )
+            train_clips, waves, world, length=length, seed=self.seed, augment=True, facts=train_facts,
+            **said, **mixes,
+        )  # fmt: skip
         self.val_set = PretrainTasks(
-            val_clips, waves, world, length=self.val_examples, seed=self.seed + 1, augment=False, **mixes
-        )
+            val_clips, waves, world, length=self.val_examples, seed=self.seed + 1, augment=False,
+            facts=val_facts, **said, **mixes,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         # Example i is already a random draw (a function of seed and i): in order, so that a

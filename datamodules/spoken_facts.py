@@ -23,6 +23,8 @@ edited. A bad record raises FactError naming the file, line and field.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import re
 import sys
@@ -284,7 +286,10 @@ class SpokenFactsData:
     """Spoken facts as the entry points read them (configs/data/spoken_facts.yaml): the splits'
     manifests `<root>/<split>.jsonl`, their audio under `audio_root` (default: root), and the
     text instruction the model hears each prompt with. `build_mini`: build the offline world at
-    `root` on first use (datamodules/mini/facts.py)."""
+    `root` on first use (datamodules/mini/facts.py). `anchor`: the subject word an edit's keys
+    are read at (EditRequest.span). `preserved`: the SAKE-format data whose train split is the
+    speech corpus the locate-then-edit editors preserve (their key second moments) and draw
+    neutral questions from: a SakeDataModule's settings (on the tiny model, SAKE-mini)."""
 
     def __init__(
         self,
@@ -297,21 +302,33 @@ class SpokenFactsData:
         mini_seed: int = 0,
         sampling_rate: int = 16000,
         max_facts: int | None = None,
+        anchor: str = "first_subject",
+        preserved: Mapping[str, Any] | None = None,
         trace_corruption: str = "audio_conv",  # read by configs/analysis/trace.yaml
     ) -> None:
+        if anchor not in ANCHORS:
+            raise ValueError(f"data.anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
+        if max_facts is not None and max_facts < 1:
+            raise ValueError(f"data.max_facts must be a positive number or null, got {max_facts}")
         self.root, self.name, self.instruction = Path(root), name, instruction
         self.audio_root = Path(audio_root) if audio_root else self.root
         self.build_mini, self.mini_seed = build_mini, mini_seed
         self.sampling_rate, self.max_facts = sampling_rate, max_facts
+        self.anchor, self.preserved = anchor, dict(preserved or {})
         self.trace_corruption = trace_corruption
+        self._preserved = None
 
     def prepare_data(self) -> None:
         if self.build_mini:
             from datamodules.mini.facts import ensure_facts
 
             ensure_facts(self.root, self.mini_seed)
+        if self.preserved:
+            self.preserved_data().prepare_data()
 
     def facts(self, split: str = "test") -> list[SpokenFact]:
+        if split not in ("val", "test"):
+            raise ValueError(f"spoken facts have the splits val and test, not {split!r}")
         facts = load_manifest(self.root / f"{split}.jsonl")
         return facts[: self.max_facts] if self.max_facts is not None else facts
 
@@ -321,6 +338,49 @@ class SpokenFactsData:
 
         rate = rate or self.sampling_rate
         return Prompt(self.instruction, load_audio(self.audio_root / spoken.audio, rate), sampling_rate=rate)
+
+    def request(self, fact: SpokenFact, rate: int | None = None, anchor: str | None = None):
+        """The edit of `fact`: its prompt should now be completed with its target; the keys are
+        read at the `anchor` word (default: data.anchor)."""
+        from common import EditRequest
+
+        if not fact.editable:
+            raise ValueError(
+                f"{fact.source}: line {fact.line}: fact {fact.id!r} has no target; it cannot be edited"
+            )
+        word = fact.prompt.anchor(anchor or self.anchor)
+        return EditRequest(
+            self.prompt(fact.prompt, rate), fact.target, fact.object, fact.relation, (word.start, word.end)
+        )
+
+    def preserved_data(self):
+        """The SAKE-format data of `preserved` (a SakeDataModule), built once."""
+        if not self.preserved:
+            raise ValueError(
+                "data.preserved is not set: the locate-then-edit editors need a speech corpus to "
+                "preserve (a SAKE-format data config's settings, e.g. SAKE-mini's)"
+            )
+        if self._preserved is None:
+            from datamodules.datamodule import SakeDataModule
+
+            self._preserved = SakeDataModule(**self.preserved)
+        return self._preserved
+
+    def train_pool(self, sampling_rate: int):
+        """What editors draw on (common.TrainPool): the preserved corpus's train split."""
+        return self.preserved_data().train_pool(sampling_rate)
+
+    def content_digest(self, facts: list[SpokenFact]) -> str:
+        """A digest of the facts' records and of every clip they use: other data, another digest."""
+        h = hashlib.sha256()
+        for fact in facts:  # the record's content, not where it was read from
+            record = {k: v for k, v in dataclasses.asdict(fact).items() if k not in ("source", "line")}
+            h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+        for audio in sorted({p.audio for f in facts for p in f.prompts()}):
+            path = self.audio_root / audio
+            h.update(f"{audio}:".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing")
+        return h.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""AlphaEdit for LALMs: null-space-projected updates of several LLM MLP down-projections.
+"""AlphaEdit for LALMs: null-space-projected updates of several LLM MLP down-projections, or of
+several audio-encoder layers, or both (audio first: the cross-modal multi-layer edit of the
+spoken-facts study, whose LLM stage is solved on the edited audio path).
 
 1. The target: an additive delta on the output of the last edited layer's block (the residual
    stream) at the key position, found as in ROME (NLL on the target, KL on a neutral question
@@ -13,7 +15,9 @@
    split's questions, editors/locate.py), so the update leaves the preserved keys' outputs
    unchanged, and C_prev accumulates K1 K1^T of the edits applied before (sequential editing).
 configs/editor/alphaedit_reference.yaml selects the reference's forms (jianghoucheng/AlphaEdit).
-The updates are written in place behind a `WeightSnapshot`; undo also restores C_prev.
+Each stage (the audio encoder's `audio_layers`, then the LLM's `layers`) has its own target at
+its last edited layer's output and solves its layers as above. The updates are written in place
+behind a `WeightSnapshot`; undo also restores C_prev.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ import torch
 
 from common import EditRequest, TrainPool
 from editors.base import BatchEdit, WeightSnapshot
-from editors.locate import KeyCorpus, LinearSite, ValueSearch, edit_batches, search_delta, second_moment
+from editors.locate import (
+    ClipSpan,
+    KeyCorpus,
+    LinearSite,
+    ValueSearch,
+    edit_batches,
+    search_delta,
+    second_moment,
+)
 from lalms.base import LALM
 from lalms.hooks import Trace
 from lalms.rows import RowEdits, RowsMemory, low_rank_memory
@@ -34,7 +46,9 @@ from lalms.rows import RowEdits, RowsMemory, low_rank_memory
 @dataclass(frozen=True)
 class AlphaEditHParams:
     layers: tuple[int, ...]  # LLM layers whose MLP down-projections are edited
-    position: str  # where keys are read: last | last_audio | audio (editors/locate.py)
+    audio_layers: tuple[int, ...]  # audio-encoder layers edited first (their `audio_module`)
+    audio_module: str  # the linear layer edited in an audio-encoder layer (Whisper's: fc2)
+    position: str  # where keys are read: last | last_audio | audio | span (editors/locate.py)
     prefixes: tuple[str, ...]  # context variants: the edit question after each
     neutral_question: str | None  # KL on this question about the clip; None: no KL term
     corpus: KeyCorpus  # the preserved keys' questions
@@ -60,21 +74,42 @@ def null_directions(values: torch.Tensor, null_space: str, threshold: float) -> 
     raise ValueError(f"AlphaEdit null_space is one of {NULL_SPACES}, got {null_space!r}")
 
 
+@dataclass(frozen=True)
+class Stage:
+    """The layers of one tower edited together, and the block whose output holds their target."""
+
+    sites: list[LinearSite]
+    block: torch.nn.Module
+
+
 class AlphaEdit:
     HParams = AlphaEditHParams
 
     def __init__(self, lalm: LALM, hp: AlphaEditHParams, pool: TrainPool) -> None:
-        if not hp.layers:
-            raise ValueError("AlphaEdit needs at least one layer")
+        if not hp.layers and not hp.audio_layers:
+            raise ValueError("AlphaEdit needs at least one layer (layers or audio_layers)")
         if hp.null_space not in NULL_SPACES:
             raise ValueError(f"AlphaEdit null_space is one of {NULL_SPACES}, got {hp.null_space!r}")
         self.lalm, self.hp, self.pool = lalm, hp, pool
-        count = lalm.edit_sites.num_llm_layers
-        self.layers = sorted(int(layer) % count for layer in hp.layers)
-        self.sites = [
-            LinearSite(lalm, f"llm.layers.{layer}.mlp.down_proj", hp.position) for layer in self.layers
-        ]
-        self.block = lalm.model.get_submodule(lalm.edit_sites.resolve(f"llm.layers.{self.layers[-1]}"))
+        sites = lalm.edit_sites
+        towers = (
+            ("audio", hp.audio_layers, sites.num_audio_layers, hp.audio_module),
+            ("llm", hp.layers, sites.num_llm_layers, "mlp.down_proj"),
+        )
+        self.stages = []
+        for tower, layers, count, module in towers:
+            if not layers:
+                continue
+            if not count:
+                raise ValueError(f"AlphaEdit: this model has no {tower} layers to edit")
+            chosen = sorted(int(layer) % count for layer in layers)
+            self.stages.append(
+                Stage(
+                    [LinearSite(lalm, f"{tower}.layers.{i}.{module}", hp.position) for i in chosen],
+                    lalm.model.get_submodule(sites.resolve(f"{tower}.layers.{chosen[-1]}")),
+                )
+            )
+        self.sites = [site for stage in self.stages for site in stage.sites]
         self._projections: dict[str, torch.Tensor] = {}
         self.previous: dict[str, torch.Tensor] = {}  # C_prev per site: sum of the applied edits' K1 K1^T
 
@@ -88,21 +123,25 @@ class AlphaEdit:
             self._projections[site.path] = null @ null.T
         return self._projections[site.path]
 
-    def _residual_at(self, batch, weights) -> torch.Tensor:
-        """The last edited block's output at each row's key position (rows: variants)."""
-        with Trace(self.block) as t, torch.no_grad():
+    def _residual_at(self, block: torch.nn.Module, batch, weights) -> torch.Tensor:
+        """A stage's last edited block's output at each row's key positions (rows: variants)."""
+        with Trace(block) as t, torch.no_grad():
             self.lalm.logits(batch)
-        return torch.einsum("bt,btd->bd", weights.to(t.output.dtype), t.output).float()
+        out = t.output[: weights.shape[0]]  # an encoder block's rows are clips: one per prompt
+        return torch.einsum("bt,btd->bd", weights.to(out.dtype), out).float()
 
-    def target(self, request: EditRequest) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(the edit batch, its key-position weights, the target residual z = h_L + delta) for
-        `request`, on the model as it is now."""
+    def target(
+        self, request: EditRequest, stage: Stage
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(the edit batch, its key-position weights, the target residual z = h_L + delta) of
+        a stage for `request`, on the model as it is now."""
         lalm = self.lalm
         batch, neutral = edit_batches(lalm, request, self.hp.prefixes, self.hp.neutral_question)
-        _, _, weights = self.sites[-1].keys_and_outputs(batch)
-        neutral_weights = self.sites[-1].keys_and_outputs(neutral)[2] if neutral is not None else None
-        delta, _ = search_delta(lalm, self.block, batch, weights, neutral, neutral_weights, self.hp.search)
-        return batch, weights, self._residual_at(batch, weights) + delta
+        span = ClipSpan.of(request, lalm.sampling_rate)
+        _, _, weights = stage.sites[-1].keys_and_outputs(batch, span)
+        neutral_weights = stage.sites[-1].keys_and_outputs(neutral, span)[2] if neutral is not None else None
+        delta, _ = search_delta(lalm, stage.block, batch, weights, neutral, neutral_weights, self.hp.search)
+        return batch, weights, self._residual_at(stage.block, batch, weights) + delta
 
     def solve(
         self,
@@ -110,19 +149,22 @@ class AlphaEdit:
         previous: dict[str, torch.Tensor],
         write: Callable[[LinearSite, torch.Tensor, torch.Tensor, torch.Tensor], None],
     ) -> None:
-        """Each layer's update in order, each on the model with the lower layers' updates
-        written by `write(site, A, P K1, R)` (the update X solves A X = P K1 R^T); `previous`
-        (C_prev per site) gains each layer's K1 K1^T."""
-        batch, weights, target = self.target(request)
-        for i, site in enumerate(self.sites):
-            keys, _, _ = site.keys_and_outputs(batch)
-            k1 = keys.float().T  # (d_in, variants)
-            r = ((target - self._residual_at(batch, weights)) / (len(self.sites) - i)).T  # (d_out, variants)
-            p = self.projection(site)
-            c_prev = previous.get(site.path, torch.zeros_like(p))
-            a = p @ (k1 @ k1.T + c_prev) + self.hp.ridge * torch.eye(len(p), device=p.device)
-            write(site, a, p @ k1, r)
-            previous[site.path] = c_prev + k1 @ k1.T
+        """Each stage's target, then its layers' updates in order, each on the model with the
+        earlier stages' and lower layers' updates written by `write(site, A, P K1, R)` (the
+        update X solves A X = P K1 R^T); `previous` (C_prev per site) gains each layer's K1 K1^T."""
+        span = ClipSpan.of(request, self.lalm.sampling_rate)
+        for stage in self.stages:
+            batch, weights, target = self.target(request, stage)
+            for i, site in enumerate(stage.sites):
+                keys, _, _ = site.keys_and_outputs(batch, span)
+                k1 = keys.float().T  # (d_in, variants)
+                now = self._residual_at(stage.block, batch, weights)
+                r = ((target - now) / (len(stage.sites) - i)).T  # (d_out, variants)
+                p = self.projection(site)
+                c_prev = previous.get(site.path, torch.zeros_like(p))
+                a = p @ (k1 @ k1.T + c_prev) + self.hp.ridge * torch.eye(len(p), device=p.device)
+                write(site, a, p @ k1, r)
+                previous[site.path] = c_prev + k1 @ k1.T
 
     def apply(self, request: EditRequest) -> AlphaEditHandle:
         for site in self.sites:  # every null space on the unedited model, before any update

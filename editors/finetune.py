@@ -1,8 +1,10 @@
 """FT(LLM) and FT(Audio): fine-tune one module of the model on the edit itself.
 
-SAKE's baselines: Adam on every parameter of one module, at most `max_steps` steps, stopping as
-soon as the edit's answer NLL is below `stop_loss`. FT(LLM) tunes the last LLM decoder layer
-(`site: llm.layers.-1`), FT(Audio) the audio-to-LLM connector (`site: connector`). The trained
+SAKE's baselines: Adam on every parameter of the tuned modules, at most `max_steps` steps,
+stopping as soon as the edit's answer NLL is below `stop_loss`. FT(LLM) tunes the last LLM
+decoder layer (`sites: [llm.layers.-1]`), FT(Audio) the audio-to-LLM connector (`sites:
+[connector]`); the spoken-facts study's baselines tune an audio-encoder layer, an LLM layer, or
+both together. The trained
 values are written in place behind a `WeightSnapshot`, so `undo` restores them bitwise and
 sequential edits accumulate.
 """
@@ -22,7 +24,7 @@ from lalms.rows import RowsMemory, tensors_memory
 
 @dataclass(frozen=True)
 class FineTuneHParams:
-    site: str  # the edit site tuned: llm.layers.-1 (FT-LLM), connector (FT-Audio)
+    sites: tuple[str, ...]  # the edit sites tuned together: llm.layers.-1 (FT-LLM), connector (FT-Audio)
     lr: float  # Adam
     max_steps: int
     stop_loss: float  # stop once the edit's answer NLL is below this
@@ -35,10 +37,15 @@ class FineTune:
         if hp.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {hp.max_steps}")
         self.lalm, self.hp = lalm, hp
-        path = lalm.edit_sites.resolve(hp.site)
-        self.param_names = [f"{path}.{n}" for n, _ in lalm.model.get_submodule(path).named_parameters()]
-        if not self.param_names:
-            raise ValueError(f"edit site {hp.site!r} ({path}) has no parameters to fine-tune")
+        if not hp.sites:
+            raise ValueError("fine-tuning needs at least one edit site (sites)")
+        self.param_names = []
+        for site in hp.sites:
+            path = lalm.edit_sites.resolve(site)
+            names = [f"{path}.{n}" for n, _ in lalm.model.get_submodule(path).named_parameters()]
+            if not names:
+                raise ValueError(f"edit site {site!r} ({path}) has no parameters to fine-tune")
+            self.param_names += [n for n in names if n not in self.param_names]
         self.steps_taken: list[int] = []  # per applied edit, for reports and tests
 
     def apply(self, request: EditRequest) -> WeightSnapshot:

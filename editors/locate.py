@@ -6,7 +6,10 @@ Keys are a linear layer's inputs. Where they are read (`position`):
 - `last`: the last prompt position (the one that predicts the answer);
 - `last_audio`: the last audio row of the LLM input;
 - `audio`: the mean over the audio rows (LLM) or over all frames (an audio-encoder layer, whose
-  positions are frames: the relevant span is the clip).
+  positions are frames: the relevant span is the clip);
+- `span`: the mean over the audio rows (LLM) or the encoder frames that overlap the request's
+  time span (a spoken fact's subject word: EditRequest.span; lalms/spans.py maps seconds to
+  positions), as the spoken-facts study reads its keys.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from common import EditRequest, TrainPool
 from common.prompt import Prompt
 from lalms.base import IGNORE_INDEX, LALM, answer_nll, greedy_hits, hidden, with_hidden
 from lalms.hooks import Trace, hooked
+from lalms.spans import frame_seconds, span_frames, span_rows
 
 log = logging.getLogger(__name__)
-POSITIONS = ("last", "last_audio", "audio")
+POSITIONS = ("last", "last_audio", "audio", "span")
 
 
 SCALES = ("layer", "positions", "lookup")
@@ -66,13 +70,45 @@ class KeyCorpus:
     cache_dir: str | None  # the moments on disk, per model, layer and corpus; None: not cached
 
 
+@dataclass(frozen=True)
+class ClipSpan:
+    """A time span of a prompt's clip: (start, end) and the clip's duration, in seconds."""
+
+    start: float
+    end: float
+    seconds: float
+
+    @classmethod
+    def of(cls, request: EditRequest, sampling_rate: int) -> ClipSpan | None:
+        """The request's span (None if it has none), with its clip's duration."""
+        if request.span is None:
+            return None
+        audio = request.prompt.audio
+        if audio is None:
+            raise ValueError("an edit request with a time span needs a prompt with audio")
+        return cls(*request.span, len(audio) / (request.prompt.sampling_rate or sampling_rate))
+
+
 def key_positions(
-    lalm: LALM, batch: dict[str, torch.Tensor], tower: str, position: str, frames: int
+    lalm: LALM,
+    batch: dict[str, torch.Tensor],
+    tower: str,
+    position: str,
+    frames: int,
+    span: ClipSpan | None = None,
 ) -> torch.Tensor:
-    """(B, T) float weights of the positions a key averages over, per row (rows sum to 1)."""
+    """(B, T) float weights of the positions a key averages over, per row (rows sum to 1);
+    `span`: the request's time span, which position `span` reads."""
     ids = batch["input_ids"]
+    if position == "span" and span is None:
+        raise ValueError("key position 'span' needs an edit request with a time span (EditRequest.span)")
     if tower == "audio":
-        return torch.full((ids.shape[0], frames), 1.0 / frames)
+        if position != "span":
+            return torch.full((ids.shape[0], frames), 1.0 / frames)
+        weights = torch.zeros(ids.shape[0], frames)
+        where = span_frames((span.start, span.end), frames, frame_seconds(lalm))
+        weights[:, where] = 1.0 / len(where)
+        return weights
     audio = ids == lalm.audio_token_id
     weights = torch.zeros(ids.shape, dtype=torch.float)
     labels = batch.get("labels")
@@ -85,6 +121,9 @@ def key_positions(
             weights[b, int(answer[0]) - 1 if len(answer) else -1] = 1.0  # the last prompt position
         elif position == "last_audio":
             weights[b, rows[-1]] = 1.0
+        elif position == "span":
+            where = span_rows((span.start, span.end), rows.tolist(), span.seconds)
+            weights[b, where] = 1.0 / len(where)
         else:
             weights[b, rows] = 1.0 / len(rows)
     return weights
@@ -107,15 +146,17 @@ class LinearSite:
         self.param = f"{self.path}.weight"
 
     def keys_and_outputs(
-        self, batch: dict[str, torch.Tensor]
+        self, batch: dict[str, torch.Tensor], span: ClipSpan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-row keys (B, d_in), per-row outputs (B, d_out), position weights (B, T))."""
+        """(per-row keys (B, d_in), per-row outputs (B, d_out), position weights (B, T));
+        `span`: the request's time span (position `span`)."""
         with Trace(self.module) as t, torch.no_grad():
             self.lalm.logits(batch)
         x, y = t.input, t.output
         if self.tower == "audio":  # encoder inputs are per clip: one clip per prompt here
             x, y = x[: batch["input_ids"].shape[0]], y[: batch["input_ids"].shape[0]]
-        w = key_positions(self.lalm, batch, self.tower, self.position, x.shape[1]).to(x.device, x.dtype)
+        w = key_positions(self.lalm, batch, self.tower, self.position, x.shape[1], span)
+        w = w.to(x.device, x.dtype)
         return torch.einsum("bt,btd->bd", w, x), torch.einsum("bt,btd->bd", w, y), w
 
 

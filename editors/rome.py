@@ -24,7 +24,15 @@ import torch
 
 from common import EditRequest, TrainPool
 from editors.base import BatchEdit, WeightSnapshot
-from editors.locate import KeyCorpus, LinearSite, ValueSearch, edit_batches, search_delta, second_moment
+from editors.locate import (
+    ClipSpan,
+    KeyCorpus,
+    LinearSite,
+    ValueSearch,
+    edit_batches,
+    search_delta,
+    second_moment,
+)
 from lalms.base import LALM
 from lalms.rows import RowEdits, RowsMemory, low_rank_memory
 
@@ -32,7 +40,7 @@ from lalms.rows import RowEdits, RowsMemory, low_rank_memory
 @dataclass(frozen=True)
 class ROMEHParams:
     sites: tuple[str, ...]  # linear layers, edited in this order (llm.layers.<i>.mlp.down_proj, audio...)
-    position: str  # where keys are read: last | last_audio | audio (editors/locate.py)
+    position: str  # where keys are read: last | last_audio | audio | span (editors/locate.py)
     prefixes: tuple[str, ...]  # context variants: the edit question after each
     neutral_question: str | None  # KL on this question about the clip; None: no KL term
     corpus: KeyCorpus  # the second moment C's questions
@@ -71,8 +79,9 @@ class ROME:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dW = delta (C^-1 k*)^T / (k*^T C^-1 k*) as (delta, C^-1 k*, k*^T C^-1 k*)."""
         batch, neutral = edit_batches(self.lalm, request, self.hp.prefixes, self.hp.neutral_question)
-        keys, _, weights = site.keys_and_outputs(batch)
-        neutral_weights = site.keys_and_outputs(neutral)[2] if neutral is not None else None
+        span = ClipSpan.of(request, self.lalm.sampling_rate)
+        keys, _, weights = site.keys_and_outputs(batch, span)
+        neutral_weights = site.keys_and_outputs(neutral, span)[2] if neutral is not None else None
         delta, _ = search_delta(
             self.lalm, site.module, batch, weights, neutral, neutral_weights, self.hp.search
         )

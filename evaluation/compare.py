@@ -8,6 +8,9 @@ Reads each run folder's `metrics.json` and writes, under the compare run's folde
 - `plots/compare_metrics.png` (the five metrics per run) and `plots/compare_sequential.png`
   (each metric against the gap, one line per run).
 
+Spoken-facts runs (data=spoken_facts) get the localisation-and-editing study's Tables 1 and 2
+instead (evaluation/fact_compare.py).
+
 Runs are only put side by side when they measure the same thing: the same data (records and
 clips), split and instance selection, the same judge, the same generation length and the same
 sequential window. Otherwise the comparison is refused, naming what differs.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import write_atomic
+from evaluation import fact_compare
 from evaluation.identity import differences
 from evaluation.records import METRICS
 from evaluation.report import HEADERS
@@ -189,7 +193,11 @@ def plots(out_dir: Path, runs: Sequence[Run]) -> list[Path]:
 
 
 def run(patterns: str | Sequence[str], out_dir: Path) -> str:
-    """Compare the matching runs; writes compare.md, compare.csv, sequential.csv and plots."""
+    """Compare the matching runs; writes compare.md, compare.csv, sequential.csv and plots (for
+    spoken-facts runs: the study's tables, evaluation/fact_compare.py)."""
+    facts = fact_compare.find_fact_runs(patterns)
+    if facts:
+        return fact_compare.run(facts, out_dir)
     runs = find_runs(patterns)
     check_comparable(runs)
     text = markdown(runs)

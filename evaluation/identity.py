@@ -36,7 +36,7 @@ from lalms.enhancement import Enhancement
 # Keys of the evaluation config whose values change results (evaluate.yaml); `editor` counts
 # with its method and hparams only, `fabric` (how many processes) not at all.
 CONFIG_KEYS = ("mode", "ckpt", "results", "runs", "model", "data", "judge", "sweeps", "sequential", "split",
-               "max_new_tokens", "batch_size", "edits_per_batch")  # fmt: skip
+               "max_new_tokens", "batch_size", "edits_per_batch", "accumulate")  # fmt: skip
 # Data settings that only shape training batches.
 TRAINING_ONLY = ("batch_size", "num_workers", "shuffle_buffer", "seed")
 # Judge settings that decide how fast, not what: the connection's but its base_url, and the cache.

@@ -6,6 +6,12 @@ prompt spoken by espeak-ng with its word times taken from espeak-ng's word event
 Output (deterministic for a seed, like SAKE-mini: datamodules/mini/build.py):
     val.jsonl, test.jsonl   manifests (datamodules/spoken_facts.py), audio relative to the folder
     audio/<fact id>_<k>.ogg the prompt (k = 0) and its paraphrases (k = 1, 2, ...), 16 kHz
+    pretrain.jsonl          what the tiny LALM learns the facts from (datamodules/pretrain.py):
+                            every prompt and paraphrase of every fact spoken `renditions` more
+                            times, in other voices than the val/test clips (a model that knows a
+                            fact hears its edit prompt in a voice it never heard it in), one
+                            {"id", "relation", "object", "text", "audio"} a line
+    pretrain/<fact id>_<k>_<r>.ogg  those renditions
     facts.yaml              the world used
     build.json              seed, sizes, counts
 
@@ -17,7 +23,6 @@ prompt's audio reused.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import multiprocessing
@@ -41,7 +46,7 @@ from datamodules.mini.speech import FEMALE_VARIANTS, MALE_VARIANTS, Espeak, Voic
 log = logging.getLogger(__name__)
 
 WORLD_FILE = Path(__file__).with_name("facts.yaml")
-FORMAT = 1
+FORMAT = 2  # 2: pretrain.jsonl and its renditions
 SPLITS = ("val", "test")
 
 
@@ -50,6 +55,7 @@ class FactSizes:
     facts_per_relation: int = 100
     val_fraction: float = 1 / 3
     neighbours: int = 2
+    renditions: int = 4  # training renditions of each prompt and paraphrase (pretrain.jsonl)
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,8 @@ def _names(world: dict[str, Any], count: int, rng: np.random.Generator) -> list[
     while len(names) < count:
         words = int(rng.choice(lengths))
         names.add(" ".join("".join(rng.choice(syl, 2)).capitalize() for _ in range(words)))
-    return sorted(names, key=lambda _: rng.random())
+    ordered = sorted(names)  # not the set's order, which string hashing changes per process
+    return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
 def _voice(rng: np.random.Generator) -> Voice:
@@ -115,9 +122,15 @@ def _voice(rng: np.random.Generator) -> Voice:
     return Voice("en", variant, rate=int(rng.uniform(150, 190)), pitch=int(pitch))
 
 
-def plan(world: dict[str, Any], sizes: FactSizes, seed: int) -> tuple[list[dict[str, Any]], list[Utterance]]:
-    """The facts (without their prompts' words yet) and the utterances to synthesise."""
+def plan(
+    world: dict[str, Any], sizes: FactSizes, seed: int
+) -> tuple[list[dict[str, Any]], list[Utterance], list[Utterance], list[dict[str, Any]]]:
+    """The facts (without their prompts' words yet), the utterances to synthesise for them, and
+    the training renditions with their pretrain.jsonl records."""
     rng = np.random.default_rng(seed)
+    voices = np.random.default_rng(seed + 2)
+    renditions: list[Utterance] = []
+    taught: list[dict[str, Any]] = []
     relations = world["relations"]
     names = iter(_names(world, sizes.facts_per_relation * len(relations), rng))
     facts, utterances = [], []
@@ -141,6 +154,20 @@ def plan(world: dict[str, Any], sizes: FactSizes, seed: int) -> tuple[list[dict[
                 utterances.append(u)
                 prompts.append(u.path)
             split = "val" if i < n_val else "test"
+            for k, template in enumerate(texts):  # other voices, from a stream of their own, so
+                for r in range(sizes.renditions):  # the val/test clips do not depend on them
+                    renditions.append(
+                        Utterance(
+                            f"{fid}_{k}_{r}.ogg",
+                            template.format(subject=subject),
+                            subject,
+                            _voice(voices),
+                            int(voices.integers(2**31)),
+                        )
+                    )
+                    said = renditions[-1]
+                    taught.append({"id": fid, "relation": relation, "object": obj, "text": said.text,
+                                   "audio": f"pretrain/{said.path}"})  # fmt: skip
             facts.append(
                 {
                     "id": fid,
@@ -152,7 +179,7 @@ def plan(world: dict[str, Any], sizes: FactSizes, seed: int) -> tuple[list[dict[
                     "clips": prompts,
                 }
             )
-    return facts, utterances
+    return facts, utterances, renditions, taught
 
 
 def _with_neighbours(facts: list[dict[str, Any]], spoken: dict[str, dict], count: int, seed: int) -> None:
@@ -185,17 +212,19 @@ def build_facts(
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     world = yaml.safe_load(WORLD_FILE.read_text(encoding="utf-8"))
-    facts, utterances = plan(world, sizes, seed)
+    facts, utterances, renditions, taught = plan(world, sizes, seed)
     spawn = multiprocessing.get_context("spawn")
     spoken = {}
-    bar = progress_bar("synthesising spoken facts", len(utterances), unit="clips")
+    todo = [(u, "audio") for u in utterances] + [(u, "pretrain") for u in renditions]
+    bar = progress_bar("synthesising spoken facts", len(todo), unit="clips")
     with bar as advance, ProcessPoolExecutor(workers or min(4, os.cpu_count() or 1), mp_context=spawn) as ex:
-        for u, record in zip(
-            utterances,
-            ex.map(speak, utterances, itertools.repeat(str(tmp / "audio")), chunksize=32),
+        for (u, folder), record in zip(
+            todo,
+            ex.map(speak, [u for u, _ in todo], [str(tmp / f) for _, f in todo], chunksize=32),
             strict=True,
         ):
-            spoken[u.path] = record
+            if folder == "audio":
+                spoken[u.path] = record
             advance(1)
     _with_neighbours(facts, spoken, sizes.neighbours, seed)
     keys = ("id", "subject", "relation", "object", "target", "prompt", "paraphrases", "neighbours")
@@ -204,6 +233,9 @@ def build_facts(
             json.dumps({k: f[k] for k in keys}, ensure_ascii=False) for f in facts if f["split"] == split
         ]
         (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp / "pretrain.jsonl").write_text(
+        "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in taught), encoding="utf-8"
+    )
     shutil.copyfile(WORLD_FILE, tmp / "facts.yaml")
     info = {
         "format": FORMAT,
@@ -211,6 +243,7 @@ def build_facts(
         "sizes": asdict(sizes),
         "facts": len(facts),
         "clips": len(utterances),
+        "pretrain_clips": len(renditions),
         "seconds": round(time.time() - start, 1),
     }
     (tmp / "build.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
