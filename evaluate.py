@@ -125,12 +125,12 @@ def main(cfg: DictConfig) -> None:
     enhancement = enhance(enhancement, lalm)  # a setting of the model: in both fingerprints
     fingerprint = lalm.fingerprint()
     answers = lalm.answers_fingerprint(fingerprint)
-    cache = ResponseCache(cfg.response_cache, answers)
     model = {"name": lalm.name, "fingerprint": fingerprint, "answers": answers}
     if enhancement is not None:  # named only when set: the plain model's identity stays as it was
         model["enhancement"] = enhancement.as_dict()
-    if isinstance(data, SpokenFactsData):
+    if isinstance(data, SpokenFactsData):  # scored by log-probabilities: no answers to cache
         return spoken_facts(cfg, fabric, lalm, data, model, out_dir)
+    cache = ResponseCache(cfg.response_cache, answers)
     resolver = AudioResolver(data.audio_root)
     judged = {"model": model, "data": data, "judge": judge.identity(), "split": cfg.split}
     if cfg.get("editor") and cfg.editor.get("base_only"):

@@ -330,7 +330,15 @@ class SpokenFactsData:
         if split not in ("val", "test"):
             raise ValueError(f"spoken facts have the splits val and test, not {split!r}")
         facts = load_manifest(self.root / f"{split}.jsonl")
-        return facts[: self.max_facts] if self.max_facts is not None else facts
+        if self.max_facts is None:
+            return facts
+        taken: Counter[str] = Counter()
+        kept = []
+        for fact in facts:  # the first max_facts of each relation, in data order
+            if taken[fact.relation] < self.max_facts:
+                kept.append(fact)
+                taken[fact.relation] += 1
+        return kept
 
     def prompt(self, spoken: SpokenPrompt, rate: int | None = None):
         """The model's prompt for a spoken prompt: the instruction with the clip."""

@@ -4,7 +4,8 @@
 For every editable fact, the model hears each prompt (the edit prompt, its paraphrases, its
 neighbours' prompts) with the data's instruction and scores two answers: the counterfactual
 target and the true object (a neighbour's own object for its prompt), each by the mean
-log-probability of its tokens (the turn end left out). All prompts are scored in batches of
+log-probability of its tokens (the turn end left out), and reads whether greedy decoding
+completes the prompt with the true object (`known`). All prompts are scored in batches of
 `batch_size` rows, two rows (target, true) per prompt.
 """
 
@@ -17,7 +18,7 @@ import torch
 from common.progress import progress_bar
 from datamodules.spoken_facts import SpokenFact, SpokenFactsData, SpokenPrompt
 from evaluation.fact_metrics import Reading, object_scores
-from lalms.base import LALM
+from lalms.base import LALM, greedy_hits
 
 
 def jobs(facts: Sequence[SpokenFact]) -> list[tuple[SpokenFact, str, SpokenPrompt, str]]:
@@ -48,8 +49,10 @@ def fact_readings(
             prompts = [data.prompt(p, lalm.sampling_rate) for _, _, p, _ in part]
             answers = [a for fact, _, _, true in part for a in (fact.target, true)]
             batch = lalm.to_device(lalm.encode([q for q in prompts for _ in range(2)], answers))
-            scores = object_scores(lalm.logits(batch), batch["labels"], suffix).tolist()
+            logits = lalm.logits(batch)
+            scores = object_scores(logits, batch["labels"], suffix).tolist()
+            hits = greedy_hits(logits, batch["labels"]).tolist()
             for k, (fact, kind, _, _) in enumerate(part):
-                readings.append(Reading(fact.id, kind, scores[2 * k], scores[2 * k + 1]))
+                readings.append(Reading(fact.id, kind, scores[2 * k], scores[2 * k + 1], hits[2 * k + 1]))
             advance(len(part))
     return readings

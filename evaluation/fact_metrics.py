@@ -56,6 +56,7 @@ class Reading:
     kind: str  # prompt, paraphrase or neighbour
     target: float  # the counterfactual target's score (mean log-probability)
     true: float  # the true object's score: the fact's object (for a neighbour, its own)
+    known: bool | None = None  # greedy decoding gives the true object (and the turn end); None: not read
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -75,7 +76,9 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 def fact_metrics(readings: Iterable[Reading]) -> dict[str, float | int | None]:
     """ES, PS, NS and Score in percent (None for a metric no reading measures; Score then too),
-    with the number of edits each averages over."""
+    with the number of edits each averages over; `known`: the share of edit prompts whose greedy
+    completion is the true object (the facts the model knows, where the readings say)."""
+    readings = list(readings)
     per: dict[str, dict[str, list[bool]]] = {k: defaultdict(list) for k in KINDS}
     for r in readings:
         per[r.kind][r.edit].append(r.success)
@@ -86,4 +89,10 @@ def fact_metrics(readings: Iterable[Reading]) -> dict[str, float | int | None]:
         out[f"{name}_edits"] = len(edits)
     values = [out[m] for m in METRICS.values()]
     out["Score"] = None if None in values else harmonic_mean(values)  # type: ignore[arg-type]
+    known = [r.known for r in per_kind_readings(readings, "prompt") if r.known is not None]
+    out["known"] = 100 * sum(known) / len(known) if known else None  # edit prompts completed right
     return out
+
+
+def per_kind_readings(readings: Iterable[Reading], kind: str) -> list[Reading]:
+    return [r for r in readings if r.kind == kind]

@@ -18,6 +18,7 @@ percent: evaluation/fact_metrics.py; per relation; the baseline), `report.md` an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -71,7 +72,7 @@ def identity(
 
 
 def _as_readings(rows: Sequence[Mapping[str, Any]]) -> list[Reading]:
-    return [Reading(r["edit"], r["kind"], r["target"], r["true"]) for r in rows]
+    return [Reading(r["edit"], r["kind"], r["target"], r["true"], r.get("known")) for r in rows]
 
 
 def _record(fact: SpokenFact, readings: Sequence[Reading], **extra: Any) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def _record(fact: SpokenFact, readings: Sequence[Reading], **extra: Any) -> dict
         "subject": fact.subject,
         "object": fact.object,
         "target": fact.target,
-        "readings": [{"edit": r.edit, "kind": r.kind, "target": r.target, "true": r.true} for r in readings],
+        "readings": [dataclasses.asdict(r) for r in readings],
         **extra,
     }
 
@@ -231,6 +232,10 @@ def table_csv(named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 def table_md(named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     lines = ["| strategy | Score | ES | PS | NS |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {name} | " + " | ".join(fmt(f[c]) for c in COLUMNS) + " |" for name, f in rows_of(named)]
+    base = named[0][1]["baseline"] if named else {}
+    if base.get("known") is not None:
+        known = f"{base['known']:.1f}%"
+        lines += ["", f"The unedited model completes {known} of the edit prompts with the true object."]
     return "\n".join(lines)
 
 

@@ -55,6 +55,27 @@ def mini_dir(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Two builds of a small spoken-facts world (6 facts a relation, one neighbour, one training
+    rendition a prompt), each in a process of its own with another string-hashing seed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("facts")
+    code = (
+        "import sys; from datamodules.mini.facts import FactSizes, build_facts; "
+        "build_facts(sys.argv[1], seed=3, sizes=FactSizes(facts_per_relation=6, neighbours=1, renditions=1), "
+        "workers=1)"
+    )
+    for name, hash_seed in (("a", "1"), ("b", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        cwd = Path(__file__).resolve().parents[1]
+        subprocess.run([sys.executable, "-c", code, str(root / name)], cwd=cwd, env=env, check=True)
+    return root / "a", root / "b"
+
+
 @pytest.fixture(scope="module")
 def shipped_lalm():
     """The shipped tiny LALM (checkpoints/tiny-lalm), loaded once per test module."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.mini.facts import FactSizes, build_facts, subject_words
+from datamodules.mini.facts import subject_words
 from datamodules.mini.speech import Espeak, Voice
 from datamodules.spoken_facts import FactError, check, load_manifest, parse_fact
 from evaluation.fact_metrics import Reading, fact_metrics, harmonic_mean, object_scores
@@ -123,19 +123,13 @@ def test_subject_words_finds_the_span():
         subject_words("The pet is a", "Nu Bel")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("facts")
-    sizes = FactSizes(facts_per_relation=6, neighbours=1)
-    return build_facts(root / "a", seed=3, sizes=sizes, workers=1), build_facts(
-        root / "b", seed=3, sizes=sizes, workers=1
-    )
-
-
 def test_the_offline_world_is_deterministic_and_checks_clean(world, capsys):
+    """Built twice, in processes whose string hashing differs (conftest.py: world): the same
+    manifests and renditions (subject names once came out in a set's order)."""
     a, b = world
+    for name in ("val.jsonl", "test.jsonl", "pretrain.jsonl"):
+        assert (a / name).read_text() == (b / name).read_text()
     for split in ("val", "test"):
-        assert (a / f"{split}.jsonl").read_text() == (b / f"{split}.jsonl").read_text()
         assert check(a / f"{split}.jsonl") == 0
     assert "0 problems" in capsys.readouterr().out
     facts = load_manifest(a / "test.jsonl")
@@ -182,8 +176,8 @@ def test_object_scores_on_hand_made_logits():
 
 def test_es_ps_ns_and_the_harmonic_score():
     readings = [
-        Reading("a", "prompt", -1.0, -2.0),  # target wins: efficacy
-        Reading("b", "prompt", -3.0, -2.0),
+        Reading("a", "prompt", -1.0, -2.0, known=False),  # target wins: efficacy
+        Reading("b", "prompt", -3.0, -2.0, known=True),
         Reading("a", "paraphrase", -1.0, -2.0),
         Reading("a", "paraphrase", -3.0, -2.0),  # a: 1 of 2
         Reading("b", "paraphrase", -1.0, -2.0),  # b: 1 of 1
@@ -192,6 +186,7 @@ def test_es_ps_ns_and_the_harmonic_score():
     ]
     m = fact_metrics(readings)
     assert (m["ES"], m["PS"], m["NS"]) == (50.0, 75.0, 50.0) and m["PS_edits"] == 2
+    assert m["known"] == 50.0 and fact_metrics(readings[2:])["known"] is None
     assert math.isclose(m["Score"], 3 / (1 / 50 + 1 / 75 + 1 / 50))
     assert round(harmonic_mean([20.4, 24.4, 76.18]), 2) == 29.09  # the study's Table 1, Baseline
     assert fact_metrics(readings[:2])["Score"] is None and harmonic_mean([0.0, 50.0]) == 0.0
