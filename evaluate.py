@@ -82,7 +82,13 @@ def plan(cfg: DictConfig) -> str:
 
 def spoken_facts(cfg: DictConfig, fabric: Fabric, lalm, data: SpokenFactsData, model: dict, out_dir: Path):
     """data=spoken_facts: the localisation-and-editing study's sweep (evaluation/fact_sweep.py)."""
-    facts = data.facts(cfg.split)
+    every = data.facts(cfg.split)
+    facts = [f for f in every if f.editable]  # Known-1000-style facts (no target) are traced, not edited
+    if not facts:
+        raise ValueError(f"{data.root}/{cfg.split}.jsonl: no fact has a target: nothing to edit")
+    if len(facts) < len(every):
+        left = len(every) - len(facts)
+        log.info("%d of %d facts have no target and are left out of the edits", left, len(every))
     base_only = bool(cfg.get("editor") and cfg.editor.get("base_only"))
     if base_only:
         editor, editor_identity, settings = None, {"name": "none"}, {}

@@ -122,7 +122,7 @@ class CausalTracer:
         batch_size: int,
         min_drop: float,
         seed: int,
-        known_only: bool = True,
+        known_only: bool,
     ) -> None:  # the values: configs/analysis/trace.yaml (window, position_stride: tuning/)
         if corrupt_at not in CORRUPT_AT:
             raise ValueError(f"corrupt_at must be one of {', '.join(CORRUPT_AT)}, got {corrupt_at!r}")

@@ -200,7 +200,7 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         mix: Mapping[str, float],
         attribute_mix: Mapping[str, float],
         portability_mix: Mapping[str, float],
-        facts: Mapping[str, Any] | None = None,
+        facts: Mapping[str, Any] | None,
         sampling_rate: int = 16000,
     ) -> None:
         """Every value but `sampling_rate` (the tiny LALM's) comes from the config

@@ -66,7 +66,9 @@ def test_fine_tuning_stops_once_the_edit_loss_is_low(shipped_lalm, pool, mini, m
 
 def test_fine_tuning_rejects_a_bad_site(shipped_lalm, pool):
     with pytest.raises(KeyError, match="must start with llm.layers"):
-        configured("ft_llm", shipped_lalm, pool, "editor.hparams.site=decoder.layers.0")
+        configured("ft_llm", shipped_lalm, pool, "editor.hparams.sites=[connector,decoder.layers.0]")
+    with pytest.raises(ValueError, match="at least one edit site"):
+        configured("ft_llm", shipped_lalm, pool, "editor.hparams.sites=[]")
 
 
 def req(attribute="emotion", original="sad", target="happy", question="How does the speaker feel?"):

@@ -4,7 +4,8 @@ values it composed before (tests/reference/composed_configs_before_issue21.json,
 configs of commit 725928a), under the new key names, but for the values issue 30 changed on
 purpose (`issue30`: MEND and KE as SAKE's fork trains them), the `_recursive_` that modules
 built by train.py no longer need (`built_modules`) and MEND's and KE's layers, written once in
-configs/editor/_hypernet.yaml instead of each model's `edit_layers` (`hypernet_layers`)."""
+configs/editor/_hypernet.yaml instead of each model's `edit_layers` (`hypernet_layers`), and
+fine-tuning's one `site` that became a list of `sites` (`issue29`)."""
 
 import json
 import re
@@ -33,6 +34,7 @@ PRESERVATION = {"n_text": "preservation.text", "n_audio": "preservation.audio"}
 FIELDS = {  # constructor argument before -> hparams field now, per method
     "editors.rome.ROME": {**SEARCH, **CORPUS},
     "editors.alphaedit.AlphaEdit": {**SEARCH, **CORPUS},
+    "editors.finetune.FineTune": {"site": "sites"},
     "editors.unke.UnKE": {
         **PRESERVATION,
         "key_lr": "target.lr",
@@ -136,6 +138,12 @@ def issue30(case: str, before: dict) -> dict:
     return {k: v for k, v in out.items() if k in before}
 
 
+def issue29(before: dict) -> dict:
+    """Fine-tuning tunes a list of sites (the spoken-facts baselines tune two at once): the one
+    site each config named is now a list of it."""
+    return {k: [v] for k, v in before.items() if k == "editor.editor.site"}
+
+
 def built_modules(before: dict) -> dict:
     """Training modules are built by train.py (lit_modules/base.py: build_module), not by Hydra's
     instantiate: their configs hold no `_recursive_`."""
@@ -180,6 +188,7 @@ def test_every_command_composes_the_values_it_composed_before(case):
     before.update(issue30(case, before))
     before.update(built_modules(before))
     before.update(hypernet_layers(before))
+    before.update(issue29(before))
     assert translated(before, now) == before
 
 
