@@ -3,6 +3,7 @@ model computes what upstream's does (prompt layout, Q-Former, tapped encoder lay
 the full architecture builds, and every editor runs on a tiny DeSTA (MEND and KE trained for a few
 steps through train.py, then scored by evaluate.py)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -328,7 +329,7 @@ def build_editor(name, desta, pool):
         "editor.hparams.corpus.cache_dir=null",
     )
     editor = configured(
-        name, desta, pool, *(corpus if "rome" in name or name == "alphaedit" else ()), model="tiny_desta"
+        name, desta, pool, *(corpus if "rome" in name or "alphaedit" in name else ()), model="tiny_desta"
     )
     return HypernetEditor(editor) if name in ("mend", "ke") else editor
 
@@ -340,6 +341,8 @@ def test_every_editor_edits_the_tiny_desta_and_undoes_exactly(name, desta, pool,
     prompt = PromptMaker(AudioResolver(Path(mini_dir) / "audio"), desta.sampling_rate)
     inst = mini.test[0]
     edit = request(inst, prompt(inst.reliability))
+    if name.startswith("facts_"):  # the spoken-facts strategies read their keys over a word's span
+        edit = dataclasses.replace(edit, span=(0.1, 0.4))
     before = desta.generate([edit.prompt], max_new_tokens=4)
     handle = editor.apply(edit)
     asked = in_context([handle], edit.prompt)

@@ -197,26 +197,31 @@ def test_evaluate_py_runs_strategies_and_compare_tabulates_them(world, mini_dir,
     ]
 
 
-def test_an_accumulating_run_resumes_to_the_same_readings(world, mini_dir, tmp_path):
+def test_an_accumulating_run_resumes_to_the_same_readings(shipped_lalm, pool, data, facts, tmp_path):
     """A multi-layer run cut after its first fact resumes: the first edit is re-applied (not
-    re-scored) and the later facts are scored as an uninterrupted run scores them."""
-    out = tmp_path / "run"
-    args = ("editor=facts_alphaedit_cross", *SMALL)
-    _evaluate(world, mini_dir, out, *args)
-    whole = (out / "facts.jsonl").read_text().splitlines()
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["accumulate"] and len(whole) == 3
-    (out / "facts.jsonl").write_text(whole[0] + "\n")
-    _evaluate(world, mini_dir, out, *args)
-    again = (out / "facts.jsonl").read_text().splitlines()
-    assert [json.loads(x)["readings"] for x in again] == [json.loads(x)["readings"] for x in whole]
-    refused = subprocess.run(
-        [sys.executable, "evaluate.py", "data=spoken_facts", f"data.root={world[0]}", "data.build_mini=false",
-         f"data.preserved.root={mini_dir}", "data.preserved.build_mini=false", "data.max_facts=1",
-         "accumulate=false", f"hydra.run.dir={out}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert refused.returncode != 0 and "accumulate" in refused.stderr
+    re-scored) and the later facts are scored as an uninterrupted run scores them; the same folder
+    is refused to a run that resets instead."""
+    from evaluation.run import RunMismatch
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    editor = configured("facts_alphaedit_cross", shipped_lalm, pool, *SMALL)
+    selection = {"name": "f", "split": "test", "selection": {"facts": 3}, "anchor": "first_subject"}
+    ident = {"editor": {"name": "x"}, "model": {"name": "t"}, "judge": {"name": "lp"}, "data": selection}
+
+    def run(accumulate=True):
+        sweep = fact_sweep.FactSweep(shipped_lalm, editor, data, accumulate=accumulate, batch_size=16)
+        return fact_sweep.run(fabric, sweep, facts, tmp_path, {**ident, "sweeps": {"accumulate": accumulate}})
+
+    first = run()
+    whole = (tmp_path / "facts.jsonl").read_text().splitlines()
+    assert first["accumulate"] and len(whole) == 3
+    (tmp_path / "facts.jsonl").write_text(whole[0] + "\n")
+    again = run()
+    lines = (tmp_path / "facts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["readings"] for x in lines] == [json.loads(x)["readings"] for x in whole]
+    assert again["edited"] == first["edited"]
+    with pytest.raises(RunMismatch, match="accumulate"):
+        run(accumulate=False)
 
 
 @pytest.mark.slow
