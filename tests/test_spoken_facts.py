@@ -194,6 +194,23 @@ def test_es_ps_ns_and_the_harmonic_score():
         Reading("a", "other", 0.0, 0.0)
 
 
+def test_the_guessing_bar_answers_each_relations_commonest_object():
+    from evaluation.fact_sweep import baseline_metrics, known_by_guessing
+
+    def record(i, relation, obj, known):
+        reading = {"edit": str(i), "kind": "prompt", "target": -2.0, "true": -1.0, "known": known}
+        return {"id": str(i), "relation": relation, "object": obj, "readings": [reading]}
+
+    records = [record(0, "pet", "dog", True), record(1, "pet", "dog", False), record(2, "pet", "cat", False),
+               record(3, "mood", "sad", True)]  # fmt: skip
+    assert known_by_guessing(records) == 75.0  # "dog" for pets (2 of 3), "sad" for moods (1 of 1)
+    m = baseline_metrics(records)
+    assert m["baseline"]["known"] == 50.0 and m["baseline"]["known_by_guessing"] == 75.0
+    assert m["baseline_per_relation"]["pet"]["known_by_guessing"] == 100 * 2 / 3
+    unread = [{**r, "readings": [{**r["readings"][0], "known": None}]} for r in records]
+    assert known_by_guessing(unread) is None
+
+
 def test_trace_py_on_spoken_facts_corrupts_the_subject_and_groups_by_word(world, tmp_path):
     """`python trace.py data=spoken_facts` end to end (the tiny model does not know the invented
     facts yet, so every fact is traced: known_only=false)."""
