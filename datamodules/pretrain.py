@@ -38,7 +38,7 @@ from datamodules.schema import norm_label, with_options
 
 log = logging.getLogger(__name__)
 
-TASKS = ("attribute", "portability", "general", "text", "fact")
+TASKS = ("attribute", "portability", "general", "text", "fact", "transcribe")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class TaughtFact:
     audio: str  # relative to the spoken-facts root
     relation: str
     object: str
+    text: str  # what the rendition says (the `transcribe` task's answer)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class PretrainTasks(Dataset):
 
     `mix`: the shares of TASKS; `attribute_mix` and `portability_mix`: the shares of the
     attributes within the attribute and portability tasks (configs/experiment/pretrain_tiny.yaml
-    gives all three); `augment`: small gain and noise changes to every clip (training only)."""
+    gives all three); `augment`: small gain and noise changes to every clip (training only);
+    `transcribe_instruction`: the `transcribe` task's question (repeat a rendition's words)."""
 
     def __init__(
         self,
@@ -80,15 +82,18 @@ class PretrainTasks(Dataset):
         facts: list[TaughtFact] = (),
         fact_waves: Mapping[str, np.ndarray] | None = None,
         fact_instruction: str = "",
+        transcribe_instruction: str = "",
     ) -> None:
         self.world, self.waves, self.length, self.seed, self.augment = world, waves, length, seed, augment
         self.tasks, self.weights = list(mix), list(mix.values())
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"pretraining mix: unknown tasks {unknown} (known: {', '.join(TASKS)})")
-        if mix.get("fact") and not facts:
-            raise ValueError("pretraining mix has a 'fact' share but no spoken facts (data.facts)")
+        for task in ("fact", "transcribe"):
+            if mix.get(task) and not facts:
+                raise ValueError(f"pretraining mix has a {task!r} share but no spoken facts (data.facts)")
         self.facts, self.fact_waves, self.fact_instruction = list(facts), fact_waves or {}, fact_instruction
+        self.transcribe_instruction = transcribe_instruction
         self.attrs = world["attributes"]
         self.attr_mix = {
             task: ([a for a in self.attrs if a in m], [m[a] for a in self.attrs if a in m])
@@ -145,6 +150,10 @@ class PretrainTasks(Dataset):
             fact = rng.choice(self.facts)
             prompt = Prompt(self.fact_instruction, self.audio(None, rng, self.fact_waves[fact.audio]))
             return PretrainExample(prompt, fact.object, task, fact.relation)
+        if task == "transcribe":  # the rendition's words: the audio path learns to tell the subjects apart
+            fact = rng.choice(self.facts)
+            prompt = Prompt(self.transcribe_instruction, self.audio(None, rng, self.fact_waves[fact.audio]))
+            return PretrainExample(prompt, fact.text, task, fact.relation)
         if task == "general":
             clip = rng.choice(self.general)
             return PretrainExample(Prompt(clip.question, self.audio(clip, rng)), clip.label, task, None)
@@ -206,14 +215,20 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         """Every value but `sampling_rate` (the tiny LALM's) comes from the config
         (configs/experiment/pretrain_tiny.yaml: `data`); `steps` batches of `batch_size` are one
         pass, `val_examples` are drawn from the `holdout` share of the clips. `facts`: the
-        spoken-facts world the `fact` task teaches ({root, mini_seed, instruction}; built on
-        first use), None for none."""
+        spoken-facts world the `fact` and `transcribe` tasks teach ({root, mini_seed, instruction,
+        transcribe}: built on first use; `transcribe` the transcription task's instruction), None
+        for none."""
         super().__init__()
         self.mixes = {"mix": mix, "attribute_mix": attribute_mix, "portability_mix": portability_mix}
         self.root, self.mini_seed = Path(root), mini_seed
         self.batch_size, self.steps, self.val_examples = batch_size, steps, val_examples
         self.holdout, self.rate, self.seed = holdout, sampling_rate, seed
         self.facts = dict(facts) if facts else None
+        keys = ("root", "mini_seed", "instruction", "transcribe")
+        missing = [k for k in keys if self.facts and k not in self.facts]
+        if missing:  # every key is the config's, none a default here
+            recipe = "configs/experiment/pretrain_tiny_facts.yaml"
+            raise ValueError(f"data.facts: missing {', '.join(missing)} (see {recipe})")
         self.train_set: PretrainTasks | None = None
         self.val_set: PretrainTasks | None = None
 
@@ -232,7 +247,7 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         records = [
             json.loads(line) for line in (root / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()
         ]
-        taught = [TaughtFact(r["audio"], r["relation"], r["object"]) for r in records]
+        taught = [TaughtFact(r["audio"], r["relation"], r["object"], r["text"]) for r in records]
         log.info("decoding %d spoken-fact renditions into memory", len(taught))
         waves = {t.audio: load_audio(root / t.audio, self.rate) for t in taught}
         order = list(range(len(taught)))
@@ -254,7 +269,8 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         length = self.steps * self.batch_size  # one pass: every step sees new examples
         mixes = {k: dict(v) for k, v in self.mixes.items()}
         train_facts, val_facts, fact_waves, instruction = self.taught_facts()
-        said = {"fact_waves": fact_waves, "fact_instruction": instruction}
+        said = {"fact_waves": fact_waves, "fact_instruction": instruction,
+                "transcribe_instruction": self.facts["transcribe"] if self.facts else ""}  # fmt: skip
         self.train_set = PretrainTasks(
             train_clips, waves, world, length=length, seed=self.seed, augment=True, facts=train_facts,
             **said, **mixes,

@@ -285,7 +285,8 @@ def test_pretraining_teaches_the_facts_from_their_renditions(world, mini_dir):
     dm = PretrainDataModule(
         root=str(mini_dir), mini_seed=0, batch_size=4, steps=3, val_examples=8, holdout=0.25, seed=0,
         mix={"fact": 1.0}, attribute_mix={"gender": 1.0}, portability_mix={"gender": 1.0},
-        facts={"root": str(a), "mini_seed": 3, "instruction": INSTRUCTION},
+        facts={"root": str(a), "mini_seed": 3, "instruction": INSTRUCTION,
+               "transcribe": "Repeat the sentence you hear."},
     )  # fmt: skip
     dm.setup()
     taught = [json.loads(x) for x in (a / "pretrain.jsonl").read_text().splitlines()]
@@ -299,6 +300,46 @@ def test_pretraining_teaches_the_facts_from_their_renditions(world, mini_dir):
         assert ex.task == "fact" and ex.prompt.question == INSTRUCTION
         match = [t for t in val if np.array_equal(dm.val_set.fact_waves[t.audio], ex.prompt.audio)]
         assert match and ex.answer == match[0].object and ex.attribute == match[0].relation
+    said = type(dm.train_set)(
+        [], {}, {"attributes": {}}, length=4, seed=0, mix={"transcribe": 1.0}, attribute_mix={},
+        portability_mix={}, augment=False, facts=val, fact_waves=dm.val_set.fact_waves,
+        transcribe_instruction="Repeat the sentence you hear.",
+    )  # fmt: skip
+    texts = {t["audio"]: t["text"] for t in taught}
+    for i in range(4):  # transcription: a rendition's own words
+        ex = said[i]
+        match = [t for t in val if np.array_equal(dm.val_set.fact_waves[t.audio], ex.prompt.audio)]
+        assert ex.task == "transcribe" and ex.prompt.question == "Repeat the sentence you hear."
+        assert match and ex.answer == texts[match[0].audio] == match[0].text
+    with pytest.raises(ValueError, match="missing transcribe"):
+        PretrainDataModule(
+            root=str(mini_dir), mini_seed=0, batch_size=4, steps=3, val_examples=8, holdout=0.25, seed=0,
+            mix={"fact": 1.0}, attribute_mix={}, portability_mix={},
+            facts={"root": str(a), "mini_seed": 3, "instruction": INSTRUCTION},
+        )  # fmt: skip
     with pytest.raises(ValueError, match="no spoken facts"):
         type(dm.train_set)([], {}, {"attributes": {}}, length=1, seed=0, mix={"fact": 1.0},
                             attribute_mix={}, portability_mix={}, augment=False)  # fmt: skip
+
+
+def test_the_facts_recipe_continues_a_trained_model_on_facts_and_sake(world, mini_dir, tmp_path):
+    """experiment=pretrain_tiny_facts (the shipped model's second stage) starts from model.path's
+    weights, not a fresh model, mixes the fact task with SAKE-mini's, and exports."""
+    from safetensors.torch import load_file
+
+    a, _ = world
+    start, run = ROOT / "checkpoints" / "tiny-lalm", tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "train.py", "experiment=pretrain_tiny_facts", f"model.path={start}",
+         f"data.root={mini_dir}", f"data.facts.root={a}", "data.facts.mini_seed=3", "data.steps=3",
+         "data.batch_size=8", "data.val_examples=32", "trainer.val_check_interval=3", f"hydra.run.dir={run}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run / "tiny-lalm" / "training.json").read_text())["metrics"]
+    assert {"val/acc_fact", "val/acc_transcribe", "val/acc_attribute", "val/acc_portability"} <= set(metrics)
+    before, after = load_file(start / "model.safetensors"), load_file(run / "tiny-lalm" / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = [(after[k] - before[k]).abs().max().item() for k in before]
+    assert 0 < max(moved) < 0.05  # three small steps away from the trained weights, not a new model
+    assert (run / "tiny-lalm" / "tokenizer.json").read_bytes() == (start / "tokenizer.json").read_bytes()
