@@ -27,13 +27,19 @@ def entry_groups(entry):
     return [next(iter(d)).removeprefix("optional ").split("@")[0] for d in defaults if isinstance(d, dict)]
 
 
+def overridden_groups(path):
+    """The groups an experiment overrides, with those of the experiments it builds on."""
+    defaults = yaml.safe_load(path.read_text()).get("defaults", [])
+    groups = {next(iter(d)).split("/")[-1] for d in defaults if isinstance(d, dict)}
+    for d in defaults:
+        if isinstance(d, str) and d != "_self_":  # another experiment of the same group
+            groups |= overridden_groups(path.parent / f"{d}.yaml")
+    return groups
+
+
 def fits(entry, group, path):
     """Experiments override groups; they compose with the entry points that have those groups."""
-    if group != "experiment":
-        return True
-    defaults = yaml.safe_load(path.read_text()).get("defaults", [])
-    overridden = {next(iter(d)).split("/")[-1] for d in defaults if isinstance(d, dict)}
-    return overridden <= set(entry_groups(entry))
+    return group != "experiment" or overridden_groups(path) <= set(entry_groups(entry))
 
 
 def group_options():
