@@ -146,14 +146,12 @@ class PretrainTasks(Dataset):
             rng.shuffle(options)
             prompt = Prompt(with_options(cat["question"], options), self.audio(clip, rng))
             return PretrainExample(prompt, answer, task, attr)
-        if task == "fact":
+        if task in ("fact", "transcribe"):  # a rendition completed with its object, or repeated
             fact = rng.choice(self.facts)
-            prompt = Prompt(self.fact_instruction, self.audio(None, rng, self.fact_waves[fact.audio]))
-            return PretrainExample(prompt, fact.object, task, fact.relation)
-        if task == "transcribe":  # the rendition's words: the audio path learns to tell the subjects apart
-            fact = rng.choice(self.facts)
-            prompt = Prompt(self.transcribe_instruction, self.audio(None, rng, self.fact_waves[fact.audio]))
-            return PretrainExample(prompt, fact.text, task, fact.relation)
+            heard = self.audio(None, rng, self.fact_waves[fact.audio])
+            if task == "fact":
+                return PretrainExample(Prompt(self.fact_instruction, heard), fact.object, task, fact.relation)
+            return PretrainExample(Prompt(self.transcribe_instruction, heard), fact.text, task, fact.relation)
         if task == "general":
             clip = rng.choice(self.general)
             return PretrainExample(Prompt(clip.question, self.audio(clip, rng)), clip.label, task, None)
@@ -225,7 +223,7 @@ class PretrainDataModule(PromptBatches, ResumableBatches, L.LightningDataModule)
         self.holdout, self.rate, self.seed = holdout, sampling_rate, seed
         self.facts = dict(facts) if facts else None
         keys = ("root", "mini_seed", "instruction", "transcribe")
-        missing = [k for k in keys if self.facts and k not in self.facts]
+        missing = [k for k in keys if k not in self.facts] if self.facts else []
         if missing:  # every key is the config's, none a default here
             recipe = "configs/experiment/pretrain_tiny_facts.yaml"
             raise ValueError(f"data.facts: missing {', '.join(missing)} (see {recipe})")

@@ -323,7 +323,7 @@ def test_pretraining_teaches_the_facts_from_their_renditions(world, mini_dir):
 
 
 def test_the_facts_recipe_continues_a_trained_model_on_facts_and_sake(world, mini_dir, tmp_path):
-    """experiment=pretrain_tiny_facts (the shipped model's second stage) starts from model.path's
+    """experiment=pretrain_tiny_facts (a second stage, not shipped) starts from model.path's
     weights, not a fresh model, mixes the fact task with SAKE-mini's, and exports."""
     from safetensors.torch import load_file
 
