@@ -39,12 +39,14 @@ run: setup
 	  END { printf "  %-30s %3dm%02ds\n", "make run, in all", s / 60, s % 60 }' $(TIMES) \
 	  | sed '1i make run: elapsed time per stage'
 
+# One pytest worker per core (pytest-xdist), a test file per worker at a time.
+PYTEST_WORKERS ?= auto
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

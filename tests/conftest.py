@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # each, here and in the entry points it starts
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
