@@ -212,8 +212,8 @@ def test_the_guessing_bar_answers_each_relations_commonest_object():
 
 
 def test_trace_py_on_spoken_facts_corrupts_the_subject_and_groups_by_word(world, tmp_path):
-    """`python trace.py data=spoken_facts` end to end (the tiny model does not know the invented
-    facts yet, so every fact is traced: known_only=false)."""
+    """`python trace.py data=spoken_facts` end to end (the small test world's subjects are not
+    the ones the tiny model learnt, so every fact is traced: known_only=false)."""
     a, _ = world
     out = tmp_path / "trace"
     cmd = [sys.executable, "trace.py", "data=spoken_facts", f"data.root={a}", "data.build_mini=false",
