@@ -21,6 +21,7 @@ import numpy as np
 
 from common.progress import progress_bar
 from common.prompt import Prompt
+from common.sqlite import connect_wal
 from datamodules.examples import PromptMaker
 from datamodules.schema import Query
 
@@ -67,9 +68,7 @@ class ResponseCache:
     def _connect(self) -> sqlite3.Connection:
         if self._memory is not None:
             return self._memory
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+        return connect_wal(self.path)
 
     def get(self, keys: Sequence[str]) -> dict[str, str]:
         found: dict[str, str] = {}

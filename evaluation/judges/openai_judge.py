@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import openai
 
 from common.hparams import parse
+from common.sqlite import connect_wal
 from datamodules.options import normalize, option_letters, resolve_answer
 from evaluation.judges.base import ConsistencyCase, CorrectnessCase, Judgment
 
@@ -448,13 +449,12 @@ class OpenAIJudge:
 
     def _connect(self) -> sqlite3.Connection:
         assert self.cache_path is not None
-        return sqlite3.connect(self.cache_path, timeout=60.0)
+        return connect_wal(self.cache_path)
 
     def _init_cache(self) -> None:
         assert self.cache_path is not None
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as con:
-            con.execute("PRAGMA journal_mode=WAL")
             with con:
                 con.execute(
                     "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, verdict INTEGER NOT NULL, "
